@@ -331,3 +331,7 @@ def test_average_checkpoints_on_a_folder_uses_the_manifest_not_names_or_times(tm
     torch.save(state(learn.model), f/'ckpt_f999_s9999.pth')
     avg = average_checkpoints(f, k=2)
     assert states_equal(avg, mean_of(cap.states[-2:]))
+
+
+def test_two_savers_with_one_fname_are_refused_before_training(tmp_path):
+    _refused_before_training(tmp_path, [SaveEvery(epochs=1), SaveEvery(batches=3)], ValueError, "two SaveEvery callbacks with fname='ckpt'")
