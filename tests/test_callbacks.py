@@ -5,7 +5,8 @@ import pytest, torch
 from fastai.callback.core import Callback
 import fastai.callback.schedule  # patches Learner.fine_tune and fit_one_cycle
 from fastai.layers import ConvLayer
-from ckpt_avg.callbacks import SaveEvery, AverageLast, SaveEveryNCallback
+from ckpt_avg.save import SaveEvery, SaveEveryNCallback
+from ckpt_avg.average import AverageLast
 from ckpt_avg.core import average_checkpoints, CheckpointError
 from ckpt_avg.manifest import Manifest, file_hash
 from ckpt_avg.demo import digits_learner

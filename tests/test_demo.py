@@ -79,8 +79,8 @@ def test_work_failure_exits_1(tmp_path):
 def test_all_names():
     ns = {}
     exec('from ckpt_avg.all import *', ns)
-    from ckpt_avg import callbacks, core
-    for name, module in [('SaveEveryNCallback', callbacks), ('AverageCheckpointsCallback', callbacks), ('SaveEvery', callbacks),
-                         ('AverageLast', callbacks), ('average_checkpoints', core)]:
+    from ckpt_avg import save, average, core
+    for name, module in [('SaveEveryNCallback', save), ('AverageCheckpointsCallback', average), ('SaveEvery', save),
+                         ('AverageLast', average), ('average_checkpoints', core)]:
         assert ns.get(name) is getattr(module, name), name
     assert 'digits_learner' in ns and 'run_demo' in ns
