@@ -164,3 +164,19 @@ def test_metric_missing_on_mid_epoch_saves_is_refused_before_any_change(tmp_path
         fit(learn, 1, [SaveEvery(batches=3), cap, AverageLast(2, strategy='metric')])
     assert states_equal(state(learn.model), cap.final)
     assert not (folder(learn)/'ckpt_f001_avg.pth').exists() and Manifest(folder(learn)).data['averages'] == []
+
+
+@pytest.mark.parametrize('start_at', [2, 0.5, '40it'])
+def test_start_at_skips_the_saves_before_it_in_each_unit(tmp_path, start_at):
+    learn = digits_learner(path=tmp_path)
+    saver = SaveEvery(epochs=1, batches=8, start_at=start_at)
+    fit(learn, 4, [saver, AverageLast(3, report=False)])
+    n_iter = len(learn.dls.train)
+    first = 40 if start_at == '40it' else 2*n_iter
+    assert [e['iter'] for e in saver.saved] == sorted({i for i in range(8, 4*n_iter+1, 8) if i >= first} | {i*n_iter for i in (2, 3, 4) if i*n_iter >= first})
+    assert [e['file'] for e in Manifest(folder(learn)).checkpoints] == [f'ckpt_f001_s{i:04d}.pth' for i in range(1, len(saver.saved)+1)]
+
+
+def test_bad_start_at_is_refused():
+    with pytest.raises(ValueError, match=r"start_at=1.5: pass an int number of epochs"): SaveEvery(epochs=1, start_at=1.5)
+    with pytest.raises(ValueError, match=r"start_at=-1"): SaveEvery(epochs=1, start_at=-1)
