@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from fastcore.basics import store_attr, patch, noop
 from fastcore.foundation import L
-from fastcore.imports import IN_NOTEBOOK
+try: from fastcore.imports import IN_NOTEBOOK
+except ImportError: IN_NOTEBOOK = False
 from fastai.callback.core import Callback
-from fastai.learner import _maybe_item
 from fastai.torch_core import rank_distrib, get_model
 from .manifest import Manifest, atomic_write, _now
 from .core import average_checkpoints
@@ -74,10 +74,10 @@ def _check_data(self:AverageCheckpointsCallback):
     names = ['valid_loss'] + list(L(self.learn.metrics).attrgot('name'))
     if (self.end_with == 'better' or self.strategy in _NEEDS_METRIC + ('soup',)) and self.monitor not in names:
         raise ValueError(f"monitor={self.monitor!r} is not a value this Learner records; pass one of {', '.join(map(repr, names))}")
-    valid = self.dls.valid if len(self.dls.loaders) > 1 else None
+    valid = self.dls.valid if len(self.dls.loaders) > 1 and getattr(self.recorder, 'valid_metrics', True) else None
     if self.end_with == 'better' and not _has_data(valid):
         raise ValueError("end_with='better' compares final and average weights on dls.valid, and this Learner has no "
-                         "validation data; give it some, or pass end_with='average' or 'final'")
+                         "validation data (or its Recorder has valid_metrics=False); give it some, or pass end_with='average' or 'final'")
     if self.strategy == 'soup' and not _has_data(self.holdout if self.holdout is not None else valid):
         raise ValueError("strategy='soup' chooses checkpoints on held-out data: pass holdout= a DataLoader, or give the Learner dls.valid")
     if self.recompute_bn is not False and not _has_data(self.dls.train):
@@ -116,7 +116,7 @@ def _evaluate(learn, dl)->dict:
     log = getattr(rec, 'log', None)
     try:
         with learn.validation_context(inner=True): learn._do_epoch_validate(dl=dl)
-        vals = [float(_maybe_item(m)) for m in rec._valid_mets]
+        vals = [float(m.value) for m in rec._valid_mets]
     finally: rec.log = log
     return dict(zip(['valid_loss'] + list(L(learn.metrics).attrgot('name')), vals))
 
@@ -127,7 +127,7 @@ def _use(self:AverageCheckpointsCallback, state)->dict:
     model.load_state_dict(state)
     if self.recompute_bn is False: return state
     recompute_bn(model, self.dls.train, None if self.recompute_bn is True else self.recompute_bn, self.dls.n_inp)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
 
 @patch
 def _score(self:AverageCheckpointsCallback, dl)->float:
@@ -159,7 +159,7 @@ def after_fit(self:AverageCheckpointsCallback):
         warnings.warn(f"AverageLast({self.k}): only {len(entries)} checkpoint(s) of {where} to average, fewer than k={self.k}")
     files = [manifest.file(e) for e in entries]
     model = get_model(self.model)
-    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    final = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}  # on the CPU: no second copy on the GPU
     try:
         entries, state = self._average(entries, files, weights)
         self._decide(final, state)
