@@ -171,6 +171,7 @@ def after_fit(self:AverageCheckpointsCallback):
     self.entries, self.files = L(entries), L(manifest.file(e) for e in entries)
     what = f"{len(entries)} of {len(files)} checkpoints (greedy soup)" if self.soup else f"{len(entries)} checkpoint(s)"
     saved = f"; saved as {self.saved_path}" if self.saved_path else ""
+    if self.report and self.valid is None: saved += "; no validation data, so no report"
     self.learn.logger(f"AverageLast: averaged {what} of {where} (epochs {_span(entries, 'epoch')}, iterations "
                       f"{_span(entries, 'iter')}){saved}. learn.model holds the {self.holds} weights: {self.reason}")
 
@@ -186,7 +187,8 @@ def _decide(self:AverageCheckpointsCallback, final, state):
         self._show()
     if self.end_with != 'better':
         self.holds = self.end_with
-        self.reason = f"end_with={self.end_with!r}" + ("" if self.end_with == 'average' else ", the average is only saved")
+        self.reason = f"end_with={self.end_with!r}"
+        if self.end_with == 'final': self.reason += ", the average is saved, not loaded" if self.target else ", the average is neither loaded nor saved (save_as=None)"
         return
     f, a = self.results['final'][self.monitor], self.results['average'][self.monitor]
     avg_wins = a <= f if self.lower else a >= f
