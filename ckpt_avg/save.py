@@ -33,6 +33,27 @@ def _metrics(learn)->dict:
         except (TypeError, ValueError): pass
     return res
 
+# %% ../nbs/02_save.ipynb #5a7c1e02
+def _start_point(start_at):
+    "`start_at` as (unit, value): ('epoch', n), ('fraction', f) or ('iter', n); None saves from the start"
+    import re
+    if start_at is None: return None
+    if isinstance(start_at, str):
+        m = re.fullmatch(r'\s*(\d+)\s*(it|iter|iters|iterations)\s*', start_at)
+        if m: return ('iter', int(m.group(1)))
+    elif isinstance(start_at, int) and not isinstance(start_at, bool) and start_at >= 0: return ('epoch', start_at)
+    elif isinstance(start_at, float) and 0 <= start_at < 1: return ('fraction', start_at)
+    raise ValueError(f"start_at={start_at!r}: pass an int number of epochs (15), a fraction of the fit in [0, 1) (0.75), "
+                     "or iterations as a string ('2000it'); None saves from the start")
+
+def _before_start(cb, epochs_done:float)->bool:
+    "Is it too early for saver `cb` to save, `epochs_done` epochs into the fit?"
+    if cb._start is None: return False
+    unit, v = cb._start
+    if unit == 'iter': return cb.train_iter < v
+    return epochs_done + 1e-9 < (v if unit == 'epoch' else v*cb.n_epoch)
+
+
 # %% ../nbs/02_save.ipynb #280aca7f
 class SaveEveryNCallback(Callback):
     "Save the model every `epochs` epochs, `minutes` minutes or `batches` training batches, recorded in a manifest"
@@ -46,11 +67,12 @@ class SaveEveryNCallback(Callback):
         keep:int=None,       # keep only the newest `keep` checkpoint files of `fname` on disk
         overwrite:bool=False,# start the manifest afresh at fit 1, replacing files of earlier fits
         stop_on_error:bool=False, # a failed save stops training (default: warn and train on)
+        start_at=None,       # no saves before this point: an int epoch (15), a fraction of the fit (0.75) or '2000it'
     ):
         if epochs is None and minutes is None and batches is None:
             raise ValueError("SaveEvery needs a trigger: pass epochs=, minutes= or batches= (e.g. SaveEvery(epochs=1))")
         _positive('epochs', epochs, int); _positive('batches', batches, int); _positive('minutes', minutes, (int, float))
-        _positive('keep', keep, int)
+        _positive('keep', keep, int); self._start = _start_point(start_at)
         if not isinstance(fname, str) or not fname or Path(fname).name != fname:
             raise ValueError(f"fname={fname!r}: pass a plain file name stem such as 'ckpt' (files go to learn.path/learn.model_dir)")
         store_attr()
@@ -73,12 +95,13 @@ def before_fit(self:SaveEveryNCallback):
 
 @patch
 def after_batch(self:SaveEveryNCallback):
-    if not self.training: return
+    if not self.training or _before_start(self, self.epoch + (self.iter+1)/self.n_iter): return
     if self.batches and self.train_iter % self.batches == 0: self._save('batches')
     elif self.minutes and time.monotonic() - self.last_time >= self.minutes*60: self._save('minutes')
 
 @patch
 def after_epoch(self:SaveEveryNCallback):
+    if _before_start(self, self.epoch+1): return
     if self.last_iter == self.train_iter: self._add_metrics()
     elif self.epochs and (self.epoch+1) % self.epochs == 0: self._save('epochs')
 
