@@ -116,7 +116,7 @@ def run_demo(
     "Train on digits at a constant `lr`, saving every epoch; print the final weights' metrics next to the average of the last `k` saves"
     _check_demo(epochs, lr, k)
     learn = digits_learner(path=_demo_folder(path), seed=seed)
-    learn.fit(epochs, lr, cbs=[SaveEvery(epochs=1), AverageLast(k)])
+    learn.fit(epochs, lr, cbs=[SaveEvery(epochs=1), AverageLast(k, report=False)])  # the table below reports instead
     final = [float(v) for v in learn.recorder.values[-1][1:3]]  # valid loss and accuracy of the last epoch's weights
     averaged = [float(v) for v in learn.validate()]             # the Learner now holds the average
     models = Path(learn.path)/learn.model_dir
