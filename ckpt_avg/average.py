@@ -30,6 +30,7 @@ class AverageCheckpointsCallback(Callback):
         save_as:str='{fname}_f{fit:03d}_avg', # file name (without .pth) for the average next to the checkpoints; None: don't save
         scope:str='fit',                   # 'fit': saves of this fit only; 'all': the last `k` saves of any fit
         overwrite:bool=False,              # replace an existing file named `save_as`
+        skip_corrupt:bool=False,           # leave out, with a warning, checkpoints whose file fails its size or hash check
     ):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k={k!r}: pass the number of checkpoints to average, an int >= 1 (e.g. AverageLast(5))")
@@ -75,7 +76,7 @@ def _span(entries, key):
 def after_fit(self:AverageCheckpointsCallback):
     if rank_distrib() != 0: return
     manifest = self.saver.manifest if self.saver else Manifest(self.folder, self.fname)
-    entries = manifest.last(self.k, fit=self.fit_id if self.scope == 'fit' else None)
+    entries = manifest.verify(manifest.last(self.k, fit=self.fit_id if self.scope == 'fit' else None), skip=self.skip_corrupt)
     where = f"fit {self.fit_id}" if self.scope == 'fit' else "the manifest"
     if not entries:
         warnings.warn(f"AverageLast({self.k}): no checkpoints of {where} to average; the model keeps its final weights")
