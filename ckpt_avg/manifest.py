@@ -27,12 +27,15 @@ def file_hash(path, chunk:int=1<<22)->str:
 
 # %% ../nbs/00_manifest.ipynb #e3687ec2
 class _HashingWriter:
-    "A write-only file wrapper that counts and hashes every byte on its way to `f`"
-    def __init__(self, f): self.f,self.h,self.n = f,_new_hasher(),0
+    "A write-only file wrapper that counts and hashes every byte on its way to `f`, and remembers a failed write"
+    def __init__(self, f): self.f,self.h,self.n,self.error = f,_new_hasher(),0,None
     def write(self, b):
         self.h.update(b); self.n += len(b)
-        return self.f.write(b)
-    def flush(self): self.f.flush()
+        return self._do(self.f.write, b)
+    def flush(self): self._do(self.f.flush)
+    def _do(self, op, *args):
+        try: return op(*args)
+        except OSError as e: self.error = e; raise
 
 def temp_name(path)->Path:
     "The temporary file `atomic_write` uses for `path`: hidden, in the same folder, unique to this process"
@@ -44,14 +47,16 @@ def atomic_write(path, write, overwrite:bool=True)->dict:
     path = Path(path)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists; pass another name or overwrite=True")
-    tmp = temp_name(path)
+    tmp, w = temp_name(path), None
     try:
         with open(tmp, 'wb') as f:
             w = _HashingWriter(f)
             write(w)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # torch.save reports a failed write (a full disk) as a RuntimeError; give the caller the OSError it can act on
+        if w is not None and w.error is not None and not isinstance(e, OSError): raise w.error from e
         raise
     return dict(bytes=w.n, hash=f'{HASH_NAME}:{w.h.hexdigest()}')
 

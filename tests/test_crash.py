@@ -12,6 +12,7 @@ After every kill the folder is checked (see `Folder.check`). Failures to save (f
 import errno, json, os, random, shutil, signal, subprocess, sys, time, warnings
 from pathlib import Path
 import pytest, torch
+from fastai.callback.core import Callback
 from ckpt_avg.manifest import Manifest, file_hash
 from ckpt_avg.core import average_checkpoints, load_state
 from ckpt_avg.save import SaveEvery, SaveEveryNCallback
@@ -191,3 +192,108 @@ def test_sigkill_at_random_moments(tmp_path):
     print(f"\nrandom moments: {f.kills} kills survived / {n} tried; bytes lost {f.bytes_lost}; {f.summary()}")
     assert f.kills >= n*0.8
     assert f.bytes_lost == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saves that fail: a full disk, a read-only folder, a manifest that cannot be written
+
+class FailingSave(SaveEveryNCallback):
+    "SaveEvery whose saves number `fail` (1-based, counting tries) write half a file and then hit `err`"
+    def __init__(self, fail, err=errno.ENOSPC, **kw):
+        super().__init__(**kw); self.fail, self.err, self.tries = fail, err, 0
+    def _write_model(self, f):
+        self.tries += 1
+        if self.tries in self.fail:
+            f.write(b'half a checkpoint')
+            raise OSError(self.err, os.strerror(self.err))
+        super()._write_model(f)
+
+class Record(Callback):
+    "After each epoch (after SaveEvery), record the folder: every file's bytes"
+    order = SaveEveryNCallback.order + 0.5
+    def before_fit(self): self.shots = []
+    def after_epoch(self):
+        d = Path(self.learn.path)/self.learn.model_dir
+        self.shots.append({p.name: p.read_bytes() for p in d.iterdir()} if d.exists() else {})
+
+def fit(learn, n, cbs, lr=0.1):
+    with learn.no_bar(), learn.no_logging(): learn.fit(n, lr, cbs=cbs)
+
+def models(learn): return Path(learn.path)/learn.model_dir
+
+def test_failed_saves_warn_keep_everything_and_training_goes_on(tmp_path):
+    learn = digits_learner(path=tmp_path)
+    rec = Record()
+    with pytest.warns(UserWarning, match=r'could not save a checkpoint .*No space left on device.*intact and training goes on'):
+        fit(learn, 5, [FailingSave(fail={3, 4}, epochs=1, keep=2), rec])
+    assert len(learn.recorder.values) == 5  # all 5 epochs trained
+    # saves 3 and 4 changed nothing on disk: no file, no temporary, the manifest byte for byte; keep=2 deleted nothing
+    assert rec.shots[2] == rec.shots[1] == rec.shots[3]
+    assert sorted(rec.shots[1]) == ['ckpt_f001_s0001.pth', 'ckpt_f001_s0002.pth', 'ckpt_manifest.json']
+    # the 5th save worked again; only then did rotation delete the oldest file
+    m = Manifest(models(learn))
+    assert [e['file'] for e in m.live()] == ['ckpt_f001_s0002.pth', 'ckpt_f001_s0003.pth']
+    assert m.verify() and sorted(p.name for p in models(learn).iterdir()) == sorted([e['file'] for e in m.live()] + ['ckpt_manifest.json'])
+    assert [e['epoch'] for e in m.live()] == [2.0, 5.0]
+
+
+def test_stop_on_error_stops_training_and_keeps_everything(tmp_path):
+    learn = digits_learner(path=tmp_path)
+    rec = Record()
+    with pytest.raises(OSError, match='Permission denied'):
+        fit(learn, 5, [FailingSave(fail={3}, err=errno.EACCES, epochs=1, keep=2, stop_on_error=True), rec])
+    assert len(rec.shots) == 2  # training stopped in epoch 3
+    after = {p.name: p.read_bytes() for p in models(learn).iterdir()}
+    assert after == rec.shots[1]
+    assert Manifest(models(learn)).verify()
+
+
+def test_a_manifest_that_cannot_be_written_takes_the_save_back(tmp_path, monkeypatch):
+    learn = digits_learner(path=tmp_path)
+    rec, calls, real = Record(), [0], Manifest.write
+    def write(self):
+        calls[0] += 1
+        if calls[0] == 3: raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        real(self)
+    monkeypatch.setattr(Manifest, 'write', write)
+    with pytest.warns(UserWarning, match='Read-only file system'):
+        fit(learn, 4, [SaveEvery(epochs=1), rec])
+    assert rec.shots[2] == rec.shots[1]  # the checkpoint of epoch 3 was removed again, the manifest untouched
+    m = Manifest(models(learn))
+    assert [e['epoch'] for e in m.live()] == [1.0, 2.0, 4.0] and m.verify()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    "A 96 KiB tmpfs: room for about two digits checkpoints and the manifest (skipped where mount is not allowed)"
+    mnt = tmp_path/'disk'; mnt.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=96k', 'tmpfs', str(mnt)], capture_output=True).returncode:
+        pytest.skip('cannot mount a tmpfs here (needs root)')
+    try: yield mnt
+    finally: subprocess.run(['umount', '-l', str(mnt)])
+
+def test_a_real_full_disk(tiny_disk):
+    learn = digits_learner(path=tiny_disk)
+    rec = Record()
+    with pytest.warns(UserWarning, match='No space left on device'):
+        fit(learn, 4, [SaveEvery(epochs=1), rec])
+    assert len(learn.recorder.values) == 4
+    full = next(i for i in range(1, 4) if rec.shots[i] == rec.shots[i-1])  # the first save that did not fit
+    assert full >= 2 and rec.shots[-1] == rec.shots[full-1]
+    m = Manifest(models(learn))
+    assert len(m.live()) == full and m.verify()
+    assert not list(models(learn).glob('.*.tmp'))
+
+def test_a_folder_that_turns_read_only(tiny_disk):
+    class ReadOnlyAfter2(Callback):
+        order = SaveEveryNCallback.order + 0.5
+        def after_epoch(self):
+            if self.epoch == 1: subprocess.run(['mount', '-o', 'remount,ro', str(tiny_disk)], check=True)
+    learn = digits_learner(path=tiny_disk)
+    rec = Record()
+    with pytest.warns(UserWarning, match='Read-only file system'):
+        fit(learn, 3, [SaveEvery(epochs=1, keep=1), ReadOnlyAfter2(), rec])
+    assert len(learn.recorder.values) == 3
+    assert rec.shots[2] == rec.shots[1]
+    m = Manifest(models(learn))
+    assert [e['file'] for e in m.live()] == ['ckpt_f001_s0002.pth'] and m.verify()
