@@ -128,3 +128,105 @@ def test_a_manifest_listing_an_average_as_a_checkpoint_is_refused(copy):
         average_checkpoints(folder(learn))
     with pytest.raises(ValueError, match='would count twice'):
         average_checkpoints([folder(learn)/'ckpt_f002_s0002.pth', folder(learn)/'ckpt_f002_avg.pth'])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Untrusted files: a checkpoint that would run code when unpickled is refused by every door, and runs nothing
+
+import os, pickle
+from ckpt_avg.core import CheckpointError, load_state
+from ckpt_avg.manifest import file_hash
+
+class RunsCode:
+    "Unpickling this calls exec, which writes `marker`"
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+class CreatesFile:
+    "Unpickling this calls os.system to create `marker`"
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (os.system, (f"touch {self.marker}",))
+
+PAYLOADS = dict(exec=RunsCode, system=CreatesFile)
+
+def malicious(path, payload, marker, like):
+    "A file that looks like the fastai checkpoint `like` (same weights) but carries `payload`"
+    sd = torch.load(like, weights_only=True)
+    torch.save({'model': sd, 'opt': payload(marker)}, path)
+    return path
+
+@pytest.mark.parametrize('payload', list(PAYLOADS))
+def test_the_malicious_file_really_runs_code_with_a_plain_torch_load(copy, payload, tmp_path):
+    "The control: the payload works, so the refusals below are not refusals of a harmless file"
+    marker = tmp_path/'ran'
+    f = malicious(tmp_path/'evil.pth', PAYLOADS[payload], marker, copy/'models'/'ckpt_f001_s0001.pth')
+    torch.load(f, weights_only=False)
+    assert marker.exists()
+
+def plant(copy, payload, marker):
+    "Put a malicious file in place of the newest checkpoint, and make the manifest vouch for it (an attacker with write access)"
+    d = copy/'models'
+    f = malicious(d/'ckpt_f001_s0004.pth', PAYLOADS[payload], marker, d/'ckpt_f001_s0004.pth')
+    m = Manifest(d)
+    m.checkpoints[-1].update(bytes=f.stat().st_size, hash=file_hash(f))
+    m.write()
+    return f
+
+@pytest.mark.parametrize('payload', list(PAYLOADS))
+def test_average_checkpoints_refuses_it(copy, payload, tmp_path):
+    marker = tmp_path/'ran'
+    f = plant(copy, payload, marker)
+    with pytest.raises(CheckpointError, match='refused to load .*ckpt_f001_s0004.pth'):
+        average_checkpoints([copy/'models'/'ckpt_f001_s0003.pth', f])
+    with pytest.raises(CheckpointError, match='refused to load .*ckpt_f001_s0004.pth'):
+        average_checkpoints(copy/'models')  # the manifest lists it, with a matching hash
+    with pytest.raises(CheckpointError, match='refused'): load_state(f)
+    assert not marker.exists()
+
+@pytest.mark.parametrize('payload', list(PAYLOADS))
+def test_average_last_refuses_it_and_keeps_the_final_weights(copy, payload, tmp_path):
+    marker = tmp_path/'ran'
+    plant(copy, payload, marker)
+    learn = digits_learner(path=copy)
+    class Final(Callback):
+        def after_epoch(self): self.state = state(self.model)
+    fin = Final()
+    with pytest.raises(CheckpointError, match='refused to load .*ckpt_f001_s0004.pth'):
+        fit(learn, 1, [AverageLast(2, scope='all'), fin])
+    assert not marker.exists()
+    assert states_equal(state(learn.model), fin.state)
+    assert not list((copy/'models').glob('*avg*'))
+
+def _cli_has(cmd):
+    from ckpt_avg.cli import make_parser
+    sub = next(a for a in make_parser()._actions if a.dest == '==SUPPRESS==' or getattr(a, 'choices', None))
+    return cmd in (sub.choices or {})
+
+@pytest.mark.parametrize('payload', list(PAYLOADS))
+def test_the_command_line_refuses_it(copy, payload, tmp_path, capsys):
+    if not _cli_has('average'): pytest.skip('this ckpt_avg has no `average` command yet')
+    from ckpt_avg.cli import main
+    marker, out = tmp_path/'ran', tmp_path/'avg.pth'
+    f = plant(copy, payload, marker)
+    assert main(['average', str(copy/'models'/'ckpt_f001_s0003.pth'), str(f), '-o', str(out)]) == 1
+    assert 'refused to load' in capsys.readouterr().err
+    assert main(['average', str(copy/'models'), '-o', str(out)]) == 1
+    assert not marker.exists() and not out.exists()
+
+def test_safetensors_inputs_need_no_pickle(copy, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    files = []
+    for i in (3, 4):
+        sd = torch.load(copy/'models'/f'ckpt_f001_s000{i}.pth', weights_only=True)
+        files.append(tmp_path/f'w{i}.safetensors'); save_file(sd, files[-1])
+    try: load_state(files[0])
+    except CheckpointError: pytest.skip('this ckpt_avg does not read safetensors yet')
+    def no_pickle(*a, **k): raise AssertionError('a safetensors input was unpickled')
+    import sys, torch._weights_only_unpickler as wou
+    unpicklers = [wou.Unpickler] + [c for m in list(sys.modules.values()) if getattr(m, '__name__', '').startswith('ckpt_avg')
+                                    for c in vars(m).values() if isinstance(c, type) and issubclass(c, pickle.Unpickler)]
+    for c in unpicklers: monkeypatch.setattr(c, 'load', no_pickle)  # every unpickler torch or ckpt_avg could use
+    for mod, name in ((pickle, 'load'), (pickle, 'loads'), (pickle, 'Unpickler')): monkeypatch.setattr(mod, name, no_pickle)
+    avg = average_checkpoints(files)
+    monkeypatch.undo()
+    assert states_equal(avg, average_checkpoints([copy/'models'/'ckpt_f001_s0003.pth', copy/'models'/'ckpt_f001_s0004.pth']))
