@@ -187,7 +187,8 @@ def test_sigkill_at_every_kind_of_write_rename_and_delete(tmp_path):
 def test_sigkill_at_random_moments(tmp_path):
     rng = random.Random(int(os.environ.get('CKPT_AVG_KILL_SEED', 0)))
     n = int(os.environ.get('CKPT_AVG_RANDOM_KILLS', 40))
-    cmds = [dict(delay=rng.uniform(0.05, 1.2), with_opt=rng.random() < 0.5, average=rng.random() < 0.3) for _ in range(n)]
+    # 5 epochs take longer than the longest delay even on a fast machine, so (nearly) every child is killed
+    cmds = [dict(delay=rng.uniform(0.05, 1.2), epochs=5, with_opt=rng.random() < 0.5, average=rng.random() < 0.3) for _ in range(n)]
     f = run_kills(tmp_path, cmds, slow=0.004)
     print(f"\nrandom moments: {f.kills} kills survived / {n} tried; bytes lost {f.bytes_lost}; {f.summary()}")
     assert f.kills >= n*0.8
