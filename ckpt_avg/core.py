@@ -115,12 +115,14 @@ def _as_files(files, k, fname, fit):
                 raise CheckpointError(f"{p} has no {m.path.name}; pass a list of files, or the folder and fname= of a SaveEvery run")
             entries = m.last(k or len(m.live(fit)), fit)
             if not entries: raise CheckpointError(f"{m.path} lists no checkpoints{'' if fit is None else f' of fit {fit}'} to average")
-            return [m.file(e) for e in entries]
+            return [m.file(e) for e in m.verify(entries)]  # size and hash: torch.load does not check the zip's CRC32
         if not p.exists():
             raise CheckpointError(f"{p} does not exist; pass an existing folder with a manifest, or a list of checkpoint files")
         files = [p]
     files = [Path(f) for f in files]
     if not files: raise CheckpointError("no checkpoint files to average; pass at least one")
+    from ckpt_avg.manifest import check_no_double_count
+    check_no_double_count(files)  # an average passed with its own inputs
     return files
 
 # %% ../nbs/01_core.ipynb #cc849b9d

@@ -4,14 +4,14 @@
 
 # %% ../nbs/00_manifest.ipynb #a7afc9ff
 from __future__ import annotations
-import json, os, re, time, datetime
+import json, os, re, time, datetime, warnings
 from pathlib import Path
 import xxhash
 from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['HASH_NAME', 'SCHEMA', 'VERSION', 'file_hash', 'temp_name', 'atomic_write', 'clean_stale_temps', 'ManifestError',
-           'Manifest', 'checkpoint_name']
+           'Manifest', 'checkpoint_name', 'IntegrityError', 'check_no_double_count']
 
 # %% ../nbs/00_manifest.ipynb #0ca2cedb
 HASH_NAME = 'xxh3_128'
@@ -27,12 +27,15 @@ def file_hash(path, chunk:int=1<<22)->str:
 
 # %% ../nbs/00_manifest.ipynb #e3687ec2
 class _HashingWriter:
-    "A write-only file wrapper that counts and hashes every byte on its way to `f`"
-    def __init__(self, f): self.f,self.h,self.n = f,_new_hasher(),0
+    "A write-only file wrapper that counts and hashes every byte on its way to `f`, and remembers a failed write"
+    def __init__(self, f): self.f,self.h,self.n,self.error = f,_new_hasher(),0,None
     def write(self, b):
         self.h.update(b); self.n += len(b)
-        return self.f.write(b)
-    def flush(self): self.f.flush()
+        return self._do(self.f.write, b)
+    def flush(self): self._do(self.f.flush)
+    def _do(self, op, *args):
+        try: return op(*args)
+        except OSError as e: self.error = e; raise
 
 def temp_name(path)->Path:
     "The temporary file `atomic_write` uses for `path`: hidden, in the same folder, unique to this process"
@@ -44,14 +47,16 @@ def atomic_write(path, write, overwrite:bool=True)->dict:
     path = Path(path)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists; pass another name or overwrite=True")
-    tmp = temp_name(path)
+    tmp, w = temp_name(path), None
     try:
         with open(tmp, 'wb') as f:
             w = _HashingWriter(f)
             write(w)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # torch.save reports a failed write (a full disk) as a RuntimeError; give the caller the OSError it can act on
+        if w is not None and w.error is not None and not isinstance(e, OSError): raise w.error from e
         raise
     return dict(bytes=w.n, hash=f'{HASH_NAME}:{w.h.hexdigest()}')
 
@@ -153,3 +158,59 @@ def live(self:Manifest, fit:int=None)->list:
 def last(self:Manifest, k:int, fit:int=None)->list:
     "The last `k` live checkpoints of fit `fit` (all fits if `None`), oldest first"
     return self.live(fit)[-k:] if k > 0 else []
+
+# %% ../nbs/00_manifest.ipynb #36bd091d
+class IntegrityError(ValueError):
+    "A checkpoint file that is missing, or no longer holds the bytes its manifest entry recorded"
+
+def _problem(path:Path, entry:dict):
+    "Why the file at `path` does not match `entry` (a short phrase), or `None` when it does"
+    if not path.is_file(): return "is missing"
+    size, want = path.stat().st_size, entry.get('bytes')
+    if isinstance(want, int) and size != want:
+        return f"has {size:,} bytes but the manifest recorded {want:,}: it was truncated or replaced by another file"
+    h = entry.get('hash')
+    if not isinstance(h, str) or not h.startswith(f'{HASH_NAME}:'):
+        return f"has no {HASH_NAME} hash in the manifest (found {h!r}), so its bytes cannot be checked"
+    if file_hash(path) != h:
+        return "does not match the hash the manifest recorded: its bytes changed after it was saved (disk damage, or another file copied over it)"
+
+@patch
+def verify(self:Manifest,
+    entries:list=None, # manifest entries to check; `None`: every live checkpoint
+    skip:bool=False,   # leave out (with a warning) files that fail, instead of raising
+)->list:
+    "The `entries` whose files exist with the recorded size and hash; a file that fails raises `IntegrityError` (or is skipped)"
+    entries = self.live() if entries is None else entries
+    averages = {a.get('file') for a in self.data['averages']}
+    good = []
+    for e in entries:
+        if e.get('file') in averages:
+            raise ManifestError(f"{self.path} lists {e['file']} among its checkpoints, but records it as an average: averaging "
+                                "it again would count its inputs twice; remove that entry from \"checkpoints\"")
+        problem = _problem(self.file(e), e)
+        if problem is None: good.append(e)
+        elif skip: warnings.warn(f"{self.file(e)} {problem}; it is left out of the average")
+        else: raise IntegrityError(f"{self.file(e)} {problem}. Restore it from a backup, or leave it out: AverageLast(..., "
+                                   "skip_corrupt=True) skips such files with a warning, and average_checkpoints takes a list of the good files")
+    return good
+
+# %% ../nbs/00_manifest.ipynb #858d7179
+def _recorded_averages(folder:Path)->dict:
+    "File name -> averages entry, from every readable manifest in `folder`"
+    res = {}
+    for p in folder.glob('*_manifest.json'):
+        try: m = Manifest(folder, p.name[:-len('_manifest.json')])
+        except ManifestError: continue  # a damaged manifest is reported where it is used, not here
+        res.update({a['file']: a for a in m.data['averages']})
+    return res
+
+def check_no_double_count(files):
+    "Raise a `ManifestError` if `files` holds an average, as recorded by a manifest, together with any of its inputs"
+    files = {Path(f).resolve() for f in files}
+    for folder in {f.parent for f in files}:
+        for name, a in _recorded_averages(folder).items():
+            twice = [i for i in a.get('inputs', []) if folder/i in files]
+            if folder/name in files and twice:
+                raise ManifestError(f"{folder/name} is the average of {', '.join(twice)}, which are also among the files to "
+                                    "average: they would count twice. Pass either the average or the checkpoints it was made from")
