@@ -100,7 +100,7 @@ def _average(args)->int:
             raise FileExistsError(f"{out} already exists; pass --force to replace it, or another -o")
     import torch
     from ckpt_avg.formats import read_checkpoint, write_checkpoint
-    from ckpt_avg.core import average_checkpoints, _check_compatible, _normalised
+    from ckpt_avg.core import average_to_file, _check_compatible, _normalised
     ckpts = [read_checkpoint(f, args.input_format, args.strip_prefix) for f in files]
     _check_compatible([c.state for c in ckpts], files)
     _normalised(weights, len(files))
@@ -111,14 +111,13 @@ def _average(args)->int:
         return 0
     del ckpts
     if args.threads: torch.set_num_threads(args.threads)
-    state = average_checkpoints(files, weights=weights, format=args.input_format, strip_prefix=args.strip_prefix,
-                                progress=not args.quiet and sys.stderr.isatty())
-    meta = write_checkpoint(state, out, fmt, overwrite=args.force)
+    meta = average_to_file(files, out, fmt, overwrite=args.force, weights=weights, format=args.input_format,
+                           strip_prefix=args.strip_prefix, progress=not args.quiet and sys.stderr.isatty())
     if manifest is not None and out.parent.resolve() == manifest.folder.resolve():
         from ckpt_avg.manifest import _now
-        manifest.data['averages'].append(dict(file=out.name, fit=args.fit, inputs=[f.name for f in files], **meta, saved_at=_now()))
+        manifest.data['averages'].append(dict(file=out.name, fit=args.fit, inputs=[f.name for f in files], bytes=meta['bytes'], hash=meta['hash'], saved_at=_now()))
         manifest.write()
-    if not args.quiet: print(f"averaged {len(files)} checkpoints into {out} ({fmt}, {len(state)} tensors, {_size(meta['bytes'])})")
+    if not args.quiet: print(f"averaged {len(files)} checkpoints into {out} ({fmt}, {meta['tensors']} tensors, {_size(meta['bytes'])})")
     return 0
 
 # %% ../nbs/05_cli.ipynb #5a7db60a

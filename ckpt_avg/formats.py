@@ -4,13 +4,13 @@
 
 # %% ../nbs/07_formats.ipynb #d0815335
 from __future__ import annotations
-import collections, io, json, mmap, os, pickle, struct, sys, zipfile
+import collections, io, json, math, mmap, os, pickle, struct, sys, zipfile
 from pathlib import Path
 import torch
 from .manifest import atomic_write
 
 # %% auto #0
-__all__ = ['FORMATS', 'CheckpointError', 'Checkpoint', 'read_checkpoint', 'write_checkpoint']
+__all__ = ['FORMATS', 'CheckpointError', 'Checkpoint', 'read_checkpoint', 'write_stream', 'write_checkpoint']
 
 # %% ../nbs/07_formats.ipynb #efc5c6bd
 class CheckpointError(ValueError):
@@ -240,29 +240,80 @@ def read_checkpoint(
     return Checkpoint(file, fmt, _strip(dict(state), strip_prefix, file), has_opt=has_opt, mapping=mapping)
 
 # %% ../nbs/07_formats.ipynb #13f980ef
-def _write_safetensors(state, f, meta=None):
+def _stream_safetensors(spec, items, f, meta=None):
     header, pos = {}, 0
-    for k, t in state.items():
-        if t.dtype not in _ST_NAMES: raise CheckpointError(f"tensor {k!r} is {t.dtype}, which safetensors cannot store; pick another --format")
-        n = t.numel()*t.element_size()
-        header[k] = dict(dtype=_ST_NAMES[t.dtype], shape=list(t.shape), data_offsets=[pos, pos+n])
+    for k, (dtype, shape) in spec.items():
+        if dtype not in _ST_NAMES: raise CheckpointError(f"tensor {k!r} is {dtype}, which safetensors cannot store; pick another format")
+        n = math.prod(shape)*dtype.itemsize
+        header[k] = dict(dtype=_ST_NAMES[dtype], shape=list(shape), data_offsets=[pos, pos+n])
         pos += n
     if meta: header['__metadata__'] = {str(k): str(v) for k,v in meta.items()}
     h = json.dumps(header, separators=(',', ':')).encode()
     h += b' ' * (-len(h) % 8)
     f.write(struct.pack('<Q', len(h))); f.write(h)
-    for t in state.values():
+    for k, t in items:
         if t.numel(): f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
-def _torch_save(obj, f):
+_STORAGE_OF = {v:k for k,v in _STORAGES.items()}
+
+class _Record:
+    "Pickles as the storage record `key` of a torch zip file"
+    def __init__(self, key, dtype, numel): self.key,self.dtype,self.numel = key,dtype,numel
+
+class _Slot:
+    "Pickles as a tensor whose bytes are the record `key`, written later"
+    def __init__(self, key, dtype, shape): self.key,self.dtype,self.shape = key,dtype,tuple(shape)
+    def __reduce_ex__(self, protocol):
+        stride = torch.empty(self.shape, device='meta').stride()
+        return (torch._utils._rebuild_tensor_v2,
+                (_Record(self.key, self.dtype, math.prod(self.shape)), 0, self.shape, stride, False, collections.OrderedDict()))
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, o):
+        if isinstance(o, _Record): return ('storage', getattr(torch, _STORAGE_OF[o.dtype]), o.key, 'cpu', o.numel)
+        return None
+
+def _stream_torch(spec, items, f, wrap=None):
+    keys = {k: str(i) for i, k in enumerate(spec)}
+    obj = collections.OrderedDict((k, _Slot(keys[k], dtype, shape)) for k, (dtype, shape) in spec.items())
+    if wrap: obj = {wrap: obj}
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(obj)
     ser = torch.serialization
-    if not hasattr(ser, 'get_crc32_options'): return torch.save(obj, f)  # older torch: CRC32 always on
-    crc = ser.get_crc32_options()
-    ser.set_crc32_options(False)
-    try: torch.save(obj, f)
-    finally: ser.set_crc32_options(crc)
+    crc = ser.get_crc32_options() if hasattr(ser, 'get_crc32_options') else None
+    if crc is not None: ser.set_crc32_options(False)  # torch.load never checks it; the manifest's hash guards the bytes
+    try:
+        with ser._open_zipfile_writer(f) as z:
+            for name, data in (('data.pkl', buf.getvalue()), ('.format_version', b'1'), ('.storage_alignment', b'64'), ('byteorder', b'little')):
+                z.write_record(name, data, len(data))
+            for k, t in items:
+                t = t.detach().cpu().contiguous()
+                if t.storage_offset(): t = t.clone()  # the writer writes a storage from its start
+                z.write_record(f'data/{keys[k]}', t.untyped_storage(), t.numel()*t.element_size())
+    finally:
+        if crc is not None: ser.set_crc32_options(crc)
 
 _WRAP = dict(lightning='state_dict', timm='state_dict', timm_ema='state_dict', fairseq='model')
+
+def write_stream(
+    spec:dict,            # name -> (dtype, shape) of every tensor to write, in order
+    items,                # iterable of (name, tensor) in the order of `spec`; each tensor may be reused once yielded
+    file,                 # where to write
+    format:str='state_dict', # one of `FORMATS`
+    overwrite:bool=False, # replace an existing `file`
+    meta:dict=None,       # safetensors only: string metadata for the header
+)->dict:
+    "Write tensors as they come to `file` in `format`, atomically; return the written file's size and hash"
+    if format not in FORMATS: raise ValueError(f"format={format!r}: pass one of {', '.join(FORMATS)}")
+    def checked():
+        names = iter(spec)
+        for k, t in items:
+            if k != next(names, None) or t.dtype != spec[k][0] or tuple(t.shape) != tuple(spec[k][1]):
+                raise ValueError(f"tensor {k!r} does not match the spec of the file being written")
+            yield k, t
+    if format == 'safetensors': write = lambda f: _stream_safetensors(spec, checked(), f, meta)
+    else: write = lambda f: _stream_torch(spec, checked(), f, _WRAP.get(format))
+    return atomic_write(file, write, overwrite=overwrite)
 
 def write_checkpoint(
     state:dict,           # the weights to write (a state dict)
@@ -272,9 +323,4 @@ def write_checkpoint(
     meta:dict=None,       # safetensors only: string metadata for the header
 )->dict:
     "Write `state` to `file` in `format`, atomically; return the written file's size and hash"
-    if format not in FORMATS: raise ValueError(f"format={format!r}: pass one of {', '.join(FORMATS)}")
-    if format == 'safetensors': write = lambda f: _write_safetensors(state, f, meta)
-    else:
-        obj = {_WRAP[format]: state} if format in _WRAP else state
-        write = lambda f: _torch_save(obj, f)
-    return atomic_write(file, write, overwrite=overwrite)
+    return write_stream({k: (t.dtype, tuple(t.shape)) for k,t in state.items()}, state.items(), file, format, overwrite, meta)
