@@ -12,7 +12,7 @@ ru_maxrss minus that of `import torch`), and, in this process, the average alone
 (every tensor's byte range read through a reused 1 MiB buffer), plus the share of elements equal to the correctly
 rounded mean. --cold drops the page cache before each in-process run (needs root; skipped otherwise).
 """
-import argparse, os, resource, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,16 +69,31 @@ def make_set(folder, mb, k, dtype, with_opt):
     return files, sum(v.numel()*v.element_size() for v in model.state_dict().values())
 
 
-def run(cmd, cold=False):
-    "Wall seconds and peak RSS (bytes) of a child process"
-    if cold: drop_caches()
+RUNNER = r'''
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    cmd, env = json.loads(line)
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path[1:])))
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    err = p.stderr.read().decode()
     _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    err = p.stderr.read().decode(); p.stderr.close(); p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode: raise SystemExit(f"{cmd[:4]} failed: {err}")
-    return wall, ru.ru_maxrss*1024
+    print(json.dumps([time.perf_counter() - t, ru.ru_maxrss*1024, os.waitstatus_to_exitcode(status), err[-2000:]]), flush=True)
+'''
+
+
+class Runner:
+    """Runs commands from a small process started before this one grew: a child's ru_maxrss counts the memory of the
+    process it was forked from (Linux records the old mm's peak at exec), so children of this big process would all
+    look as large as it is"""
+    def __init__(self):
+        self.p = subprocess.Popen([sys.executable, '-c', RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __call__(self, cmd):
+        "Wall seconds and peak RSS (bytes) of `cmd` run as a child"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path[1:]))
+        self.p.stdin.write(json.dumps([cmd, env]) + '\n'); self.p.stdin.flush()
+        wall, rss, rc, err = json.loads(self.p.stdout.readline())
+        if rc: raise SystemExit(f"{cmd[:4]} failed: {err}")
+        return wall, rss
 
 
 def drop_caches():
@@ -134,6 +149,7 @@ def main():
     ap.add_argument('--dir', type=Path, help='where to write the checkpoints (default: a temporary folder, removed at the end)')
     ap.add_argument('--no-naive', action='store_true', help='skip the naive baseline (it needs K+1 models of memory)')
     a = ap.parse_args()
+    run = Runner()
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[a.dtype]
     folder = Path(a.dir or tempfile.mkdtemp(prefix='avg_bench_'))
     folder.mkdir(parents=True, exist_ok=True)
@@ -171,9 +187,14 @@ def main():
         def naive_avg():
             st = [(lambda o: o['model'] if 'opt' in o else o)(torch.load(f, weights_only=False)) for f in files]
             return {k: torch.stack([s[k] for s in st]).mean(0) if v.is_floating_point() else v for k, v in st[-1].items()}
-        ins = {n: [] for n in ('cat', 'ours', 'naive')}
+        import ckpt_avg.core as core
+        def fp32_acc():
+            core._ACC = torch.float32
+            try: return average_checkpoints(files)
+            finally: core._ACC = torch.float64
+        ins = {n: [] for n in ('cat', 'ours', 'naive', 'fp32acc')}
         for r in range(a.runs + 1):
-            for n, f in (('cat', lambda: cat_model_bytes(files)), ('ours', lambda: average_checkpoints(files)), ('naive', naive_avg)):
+            for n, f in (('cat', lambda: cat_model_bytes(files)), ('ours', lambda: average_checkpoints(files)), ('fp32acc', fp32_acc), ('naive', naive_avg)):
                 if n == 'naive' and a.no_naive: continue
                 if cold: drop_caches()
                 t = time.perf_counter(); x = f(); d = time.perf_counter() - t
@@ -181,6 +202,7 @@ def main():
                 del x
                 if r: ins[n].append(d)
         print(f"\nin-process, {'cold' if cold else 'warm'} (cat of the model bytes: {med(ins['cat'])*1e3:.0f} ms)")
+        print(f"ours with a float32 accumulator instead of float64 (not exact): ours takes {med([x/y for x, y in zip(ins['ours'], ins['fp32acc'])]):.2f} x its time")
         for n in ('ours', 'naive'):
             if not ins[n]: continue
             print(f"{n:8}{med(ins[n])*1e3:8.0f} ms{med([x/c for x, c in zip(ins[n], ins['cat'])]):8.2f} x cat")

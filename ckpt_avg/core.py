@@ -49,12 +49,13 @@ def _normalised(weights, k):
 
 # %% ../nbs/01_core.ipynb #291b36d1
 _WINDOW = 4<<20
+_ACC = torch.float64  # the accumulator; bench/avg_bench.py compares float32 here to price exactness
 
 def _average_tensor(srcs, weights, chunk:int, out=None, release=None):
     "Exact (weighted) mean of same-shaped tensors `srcs`, in float64 chunks, in their own dtype, into `out` if given"
     if out is None: out = torch.empty(srcs[0].shape, dtype=srcs[0].dtype)
     flat = [s.reshape(-1) for s in srcs]
-    acc_dtype = torch.complex128 if srcs[0].is_complex() else torch.float64
+    acc_dtype = torch.complex128 if srcs[0].is_complex() else _ACC
     n = out.numel()
     acc = torch.empty(min(n, chunk), dtype=acc_dtype)
     tmp = torch.empty_like(acc)
