@@ -58,7 +58,7 @@ def test_demo_default_folder():
     (['demo', '--epochs', '3', '--k', '5'], '--k 5 averages 5 saves, but --epochs 3'),
     (['demo', '--epochs', '0'], '--epochs: 0 is too small'),
     (['demo', '--k', 'five'], "'five' is not a whole number"),
-    (['average'], "invalid choice: 'average'"),
+    (['averag'], "invalid choice: 'averag'"),
     ([], 'required: COMMAND'),
 ])
 def test_wrong_command_line(tmp_path, args, message):

@@ -1,0 +1,227 @@
+"""Benchmark `ckpt_avg average` against a naive load-all-then-mean script, as ratios measured side by side.
+
+Run by hand, never in CI:  python bench/avg_bench.py [--mb 100] [--k 5] [--dtype fp32|bf16] [--opt] [--cold] [--runs 5]
+
+It writes K synthetic checkpoints (24 x [Linear w*w + LayerNorm] + BatchNorm1d, each file the base weights plus its own
+noise, saved with fastai's `save_model`, with optimizer state when --opt), then runs, alternating round by round:
+  torch   `python -c "import torch"`                  (the yardstick of the whole-process ratio and of net memory)
+  ours    `python -m ckpt_avg.cli average FILES -o OUT`
+  naive   a script that torch.load()s every file whole, stacks and means each tensor in its dtype, torch.save()s
+and prints medians of the per-round ratios: whole process / `import torch`, net peak RSS / model bytes (child's
+ru_maxrss minus that of `import torch`), and, in this process, the average alone / a `cat` of the model bytes
+(every tensor's byte range read through a reused 1 MiB buffer), plus the share of elements equal to the correctly
+rounded mean. --cold drops the page cache before each in-process run (needs root; skipped otherwise).
+"""
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import torch
+
+NAIVE = r'''
+import sys, torch
+from fastcore.foundation import L
+files, out = sys.argv[1:-1], sys.argv[-1]
+with torch.serialization.safe_globals([L]): objs = [torch.load(f, map_location='cpu', weights_only=True) for f in files]
+states = [o['model'] if 'opt' in o else o for o in objs]
+res = {}
+for k, v in states[-1].items():
+    res[k] = torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+torch.save(res, out)
+'''
+
+
+def _save_with_opt(f, model, opt):
+    "fastai's `save_model(with_opt=True)`, or the same structure written by hand where fastai is not installed"
+    if opt is None: return torch.save(model.state_dict(), f)
+    try:
+        from fastai.learner import save_model
+        return save_model(f, model, opt, with_opt=True)
+    except ImportError: torch.save({'model': model.state_dict(), 'opt': opt}, f)
+
+
+def make_set(folder, mb, k, dtype, with_opt):
+    "K checkpoints of about `mb` MB of weights each; returns the files and the model's bytes"
+    w = max(8, int((mb*1e6/2/(24 if dtype == torch.bfloat16 else 48))**0.5))  # 24 w^2 parameters
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(w, w), torch.nn.LayerNorm(w)) for _ in range(24)],
+                                torch.nn.BatchNorm1d(w)).to(dtype)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = None
+    if with_opt:
+        try:
+            from fastai.optimizer import Adam
+            opt = Adam(model.parameters(), lr=1e-3)
+            model(torch.randn(4, w, dtype=dtype)).float().sum().backward(); opt.step()
+        except ImportError:  # fastai's Adam state: per parameter grad_avg, sqr_avg and step; hypers in an L
+            from fastcore.foundation import L
+            opt = {'state': [{'grad_avg': torch.randn_like(p), 'sqr_avg': torch.rand_like(p), 'step': 1} for p in model.parameters()],
+                   'hypers': L([{'lr': 1e-3, 'mom': 0.9, 'sqr_mom': 0.99, 'eps': 1e-5, 'wd': 0.01}])}
+    files = []
+    for i in range(k):
+        with torch.no_grad():
+            for n, p in model.state_dict().items():
+                if p.is_floating_point(): p.copy_(base[n] + torch.randn_like(p)*1e-2)
+                else: p.fill_(100*(i+1))
+        files.append(folder/f'ckpt_{i:02d}.pth')
+        _save_with_opt(files[-1], model, opt)
+    return files, sum(v.numel()*v.element_size() for v in model.state_dict().values())
+
+
+RUNNER = r'''
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    cmd, env = json.loads(line)
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    err = p.stderr.read().decode()
+    _, status, ru = os.wait4(p.pid, 0)
+    print(json.dumps([time.perf_counter() - t, ru.ru_maxrss*1024, os.waitstatus_to_exitcode(status), err[-2000:]]), flush=True)
+'''
+
+
+class Runner:
+    """Runs commands from a small process started before this one grew: a child's ru_maxrss counts the memory of the
+    process it was forked from (Linux records the old mm's peak at exec), so children of this big process would all
+    look as large as it is"""
+    def __init__(self):
+        self.p = subprocess.Popen([sys.executable, '-c', RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __call__(self, cmd):
+        "Wall seconds and peak RSS (bytes) of `cmd` run as a child"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path[1:]))
+        self.p.stdin.write(json.dumps([cmd, env]) + '\n'); self.p.stdin.flush()
+        wall, rss, rc, err = json.loads(self.p.stdout.readline())
+        if rc: raise SystemExit(f"{cmd[:4]} failed: {err}")
+        return wall, rss
+
+
+def drop_caches():
+    try:
+        os.sync()
+        with open('/proc/sys/vm/drop_caches', 'w') as f: f.write('3')
+        return True
+    except OSError: return False
+
+
+def cat_model_bytes(files):
+    "Read every tensor's bytes of the model, as `cat` would: through one reused 1 MiB buffer"
+    from ckpt_avg.formats import read_checkpoint
+    ranges = []
+    for f in files:
+        ck = read_checkpoint(f)
+        ranges.append((f, sorted((t.data_ptr() - ck.mapping.lo, t.numel()*t.element_size()) for t in ck.state.values())))
+        del ck
+    buf = bytearray(1 << 20); mv = memoryview(buf)
+    t = time.perf_counter()
+    for f, rs in ranges:
+        with open(f, 'rb', buffering=0) as fh:
+            for off, n in rs:
+                fh.seek(off)
+                while n > 0: n -= fh.readinto(mv[:min(n, len(buf))])
+    return time.perf_counter() - t
+
+
+def correct_share(out, files, dtype):
+    "Share of float elements of `out` equal to the float64 mean of the inputs rounded to `dtype`"
+    from ckpt_avg.formats import read_checkpoint
+    res = read_checkpoint(out).state
+    states = [read_checkpoint(f).state for f in files]
+    good = total = 0
+    for k, v in res.items():
+        if not v.is_floating_point(): continue
+        ref = (sum(s[k].double() for s in states)/len(states)).to(v.dtype)
+        good += (v == ref).sum().item(); total += v.numel()
+    return good/total
+
+
+def med(xs): return statistics.median(xs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--mb', type=float, default=25, help='MB of weights per file (100, 400, 1200 for the issue sizes)')
+    ap.add_argument('--k', type=int, default=5)
+    ap.add_argument('--dtype', choices=['fp32', 'bf16'], default='fp32')
+    ap.add_argument('--opt', action='store_true', help='fastai files with optimizer state (3x the weights on disk)')
+    ap.add_argument('--runs', type=int, default=5)
+    ap.add_argument('--cold', action='store_true', help='drop the page cache before each in-process run (root only)')
+    ap.add_argument('--dir', type=Path, help='where to write the checkpoints (default: a temporary folder, removed at the end)')
+    ap.add_argument('--no-naive', action='store_true', help='skip the naive baseline (it needs K+1 models of memory)')
+    a = ap.parse_args()
+    run = Runner()
+    dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[a.dtype]
+    folder = Path(a.dir or tempfile.mkdtemp(prefix='avg_bench_'))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        t = time.perf_counter()
+        files, model_bytes = make_set(folder, a.mb, a.k, dtype, a.opt)
+        disk = sum(f.stat().st_size for f in files)
+        print(f"{a.k} x {model_bytes/1e6:.0f} MB of {a.dtype} weights{' + optimizer state' if a.opt else ''} "
+              f"({disk/1e9:.2f} GB on disk), written in {time.perf_counter()-t:.0f} s; torch {torch.__version__}, "
+              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+        py = sys.executable
+        cmds = dict(torch=[py, '-c', 'import torch'],
+                    ours=[py, '-m', 'ckpt_avg.cli', 'average', *map(str, files), '-o', str(folder/'ours.pth'), '-q', '--force'])
+        if not a.no_naive: cmds['naive'] = [py, '-c', NAIVE, *map(str, files), str(folder/'naive.pth')]
+        res = {n: [] for n in cmds}
+        for r in range(a.runs + 1):  # round 0 warms the page cache and is not counted
+            for n, c in cmds.items():
+                (folder/f'{n}.pth').unlink(missing_ok=True)  # a fresh file each time, as a user would write
+                m = run(c)
+                if r: res[n].append(m)
+        tt = [w for w, _ in res['torch']]
+        print(f"\nwhole process, warm, median of {a.runs} alternated rounds (python -c 'import torch': {med(tt):.2f} s, "
+              f"peak {med([p for _, p in res['torch']])/2**20:.0f} MiB)")
+        print(f"{'':8}{'wall s':>8}{'÷ import torch':>16}{'net peak ÷ model':>18}")
+        for n in cmds:
+            if n == 'torch': continue
+            ratio = med([w/t for (w, _), t in zip(res[n], tt)])
+            net = med([(p - pt)/model_bytes for (_, p), (_, pt) in zip(res[n], res['torch'])])
+            print(f"{n:8}{med([w for w, _ in res[n]]):8.2f}{ratio:16.2f}{net:18.2f}")
+
+        # in this process: the average alone against reading the model's bytes, alternated
+        from ckpt_avg.core import average_checkpoints
+        cold = a.cold and drop_caches()
+        if a.cold and not cold: print("\n--cold: cannot drop the page cache here (needs root); in-process figures are warm")
+        def naive_avg():
+            st = [(lambda o: o['model'] if 'opt' in o else o)(torch.load(f, weights_only=False)) for f in files]
+            return {k: torch.stack([s[k] for s in st]).mean(0) if v.is_floating_point() else v for k, v in st[-1].items()}
+        import ckpt_avg.core as core
+        def fp32_acc():
+            core._ACC = torch.float32
+            try: return average_checkpoints(files)
+            finally: core._ACC = torch.float64
+        ins = {n: [] for n in ('cat', 'ours', 'naive', 'fp32acc')}
+        for r in range(a.runs + 1):
+            for n, f in (('cat', lambda: cat_model_bytes(files)), ('ours', lambda: average_checkpoints(files)), ('fp32acc', fp32_acc), ('naive', naive_avg)):
+                if n == 'naive' and a.no_naive: continue
+                if cold: drop_caches()
+                t = time.perf_counter(); x = f(); d = time.perf_counter() - t
+                if n == 'cat': d = x
+                del x
+                if r: ins[n].append(d)
+        print(f"\nin-process, {'cold' if cold else 'warm'} (cat of the model bytes: {med(ins['cat'])*1e3:.0f} ms)")
+        print(f"ours with a float32 accumulator instead of float64 (not exact): ours takes {med([x/y for x, y in zip(ins['ours'], ins['fp32acc'])]):.2f} x its time")
+        for n in ('ours', 'naive'):
+            if not ins[n]: continue
+            print(f"{n:8}{med(ins[n])*1e3:8.0f} ms{med([x/c for x, c in zip(ins[n], ins['cat'])]):8.2f} x cat")
+        from ckpt_avg.formats import read_checkpoint
+        from fastcore.foundation import L
+        meta = {'ours (read_checkpoint)': [], 'torch.load(mmap=True, weights_only=True)': []}
+        for r in range(a.runs):
+            for f in files:
+                t = time.perf_counter(); read_checkpoint(f); meta['ours (read_checkpoint)'].append(time.perf_counter() - t)
+                with torch.serialization.safe_globals([L]):
+                    t = time.perf_counter(); torch.load(f, mmap=True, weights_only=True)
+                    meta['torch.load(mmap=True, weights_only=True)'].append(time.perf_counter() - t)
+        print("\nper-file metadata (open a file, map its weights)")
+        for n, v in meta.items(): print(f"{med(v)*1e3:8.1f} ms  {n}")
+        print("\ncorrectly rounded float elements (share equal to the float64 mean rounded once to the dtype)")
+        for n in ('ours', 'naive'):
+            if n in cmds: print(f"{n:8}{100*correct_share(folder/f'{n}.pth', files, dtype):8.2f} %")
+    finally:
+        if a.dir is None: shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == '__main__': main()
