@@ -45,7 +45,7 @@ CASES = [
     ("too few weights", None, "average_checkpoints([models/'ckpt_f001_s0001.pth', models/'ckpt_f001_s0002.pth'], weights=[1])", "got 1 weights for 2 checkpoints"),
     ("a negative weight", None, "average_checkpoints([models/'ckpt_f001_s0001.pth', models/'ckpt_f001_s0002.pth'], weights=[1, -1])", "weights must be >= 0"),
     ("checkpoints of different models", "torch.save(nn.Linear(3, 2).state_dict(), models/'other.pth')", "average_checkpoints([models/'ckpt_f001_s0001.pth', models/'other.pth'])", "different models"),
-    ("a file that is not a checkpoint", "(models/'notes.txt').write_text('not weights')", "average_checkpoints([models/'ckpt_f001_s0001.pth', models/'notes.txt'])", "is not a checkpoint torch can read"),
+    ("a file that is not a checkpoint", "(models/'notes.txt').write_text('not weights')", "average_checkpoints([models/'ckpt_f001_s0001.pth', models/'notes.txt'])", "is not a checkpoint: it is neither a zip archive"),
     ("a pickle that holds no weights", "torch.save([1, 2, 3], models/'list.pth')", "average_checkpoints([models/'list.pth'])", "not a model's weights"),
     ("an average fed back in with its own inputs", None, "average_checkpoints([models/'ckpt_f001_s0003.pth', models/'ckpt_f001_s0004.pth', models/'ckpt_f001_avg.pth'])", "would count twice"),
     # the command line

@@ -314,7 +314,7 @@ def test_unreadable_and_non_checkpoint_files_are_named(tmp_path):
     m = Manifest(folder(learn))
     victim = m.file(m.checkpoints[1])
     victim.write_bytes(victim.read_bytes()[:1000])  # truncated
-    with pytest.raises(CheckpointError, match='ckpt_f001_s0002.pth is not a checkpoint torch can read'):
+    with pytest.raises(CheckpointError, match='ckpt_f001_s0002.pth looks like a torch file but cannot be read'):
         average_checkpoints([m.file(e) for e in m.checkpoints])  # a list: no manifest check (a folder gives IntegrityError, see test_integrity.py)
     (tmp_path/'notes.txt').write_text('hello')
     with pytest.raises(CheckpointError, match='notes.txt is not a checkpoint'):

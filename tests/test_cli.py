@@ -102,13 +102,13 @@ def test_bad_inputs_have_clear_messages_and_nonzero_codes(tmp_path):
         (['average', files[0], tmp_path/'other.pth', '-o', tmp_path/'o.pth'], 1, 'these checkpoints are of different models'),
         (['average', tmp_path/'empty', '-o', tmp_path/'o.pth'], 1, 'has no ckpt_manifest.json'),
         (['average', tmp_path/'nothing*.pth', '-o', tmp_path/'o.pth'], 1, 'no file matches'),
-        (['average', files[0], tmp_path/'cut.pth', '-o', tmp_path/'o.pth'], 1, 'cut.pth is not a checkpoint torch can read'),
+        (['average', files[0], tmp_path/'cut.pth', '-o', tmp_path/'o.pth'], 1, 'cut.pth looks like a torch file but cannot be read'),
         (['average', files[0], tmp_path/'missing.pth', '-o', tmp_path/'o.pth'], 1, 'missing.pth does not exist'),
         (['average', *files, '-o', tmp_path/'o.pth', '--weights', '1'], 1, 'one weight per checkpoint'),
         (['average', *files], 2, 'pass -o/--output'),
         (['average', *files, '-o', tmp_path/'o.pth', '--format', 'onnx'], 2, "invalid choice: 'onnx'"),
         (['average', *files, '-o', tmp_path/'o.pth', '--fit', '1'], 2, '--fit picks saves from a folder'),
-        (['info', tmp_path/'cut.pth'], 1, 'cut.pth is not a checkpoint'),
+        (['info', tmp_path/'cut.pth'], 1, 'cut.pth looks like a torch file but cannot be read'),
     ]
     for args, code, msg in cases:
         r = cli(*args)
