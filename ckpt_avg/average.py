@@ -14,6 +14,7 @@ from fastai.torch_core import rank_distrib, get_model
 from .manifest import Manifest, atomic_write, _now
 from .core import average_checkpoints
 from .save import SaveEveryNCallback, _savers
+from .distrib import share_average
 
 # %% auto #0
 __all__ = ['AverageLast', 'AverageCheckpointsCallback']
@@ -72,6 +73,7 @@ def _span(entries, key):
     return fmt(vals[0]) if len(vals) == 1 else f'{fmt(vals[0])}–{fmt(vals[-1])}'
 
 @patch
+@share_average  # distributed training: rank 0 averages, every rank ends with its weights (see `distrib`)
 def after_fit(self:AverageCheckpointsCallback):
     if rank_distrib() != 0: return
     manifest = self.saver.manifest if self.saver else Manifest(self.folder, self.fname)

@@ -4,15 +4,17 @@
 
 # %% ../nbs/02_save.ipynb #c0847b9f
 from __future__ import annotations
-import time, warnings
+import time, warnings, threading
+from functools import partial
 from pathlib import Path
 from fastcore.basics import store_attr, patch
 from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.callback.tracker import TrackerCallback
-from fastai.learner import save_model
-from fastai.torch_core import rank_distrib
+from fastai.torch_core import rank_distrib, get_model
 from .manifest import Manifest, atomic_write, checkpoint_name, clean_stale_temps, _now
+from .writer import Snapshot, BackgroundWriter, save_no_crc
+from .distrib import rank0_decides
 
 # %% auto #0
 __all__ = ['SaveEvery', 'SaveEveryNCallback']
@@ -46,6 +48,7 @@ class SaveEveryNCallback(Callback):
         keep:int=None,       # keep only the newest `keep` checkpoint files of `fname` on disk
         overwrite:bool=False,# start the manifest afresh at fit 1, replacing files of earlier fits
         stop_on_error:bool=False, # a failed save stops training (default: warn and train on)
+        background:bool=None,# write on a background thread; None: yes when the model is on a GPU, no on a CPU
     ):
         if epochs is None and minutes is None and batches is None:
             raise ValueError("SaveEvery needs a trigger: pass epochs=, minutes= or batches= (e.g. SaveEvery(epochs=1))")
@@ -53,6 +56,8 @@ class SaveEveryNCallback(Callback):
         _positive('keep', keep, int)
         if not isinstance(fname, str) or not fname or Path(fname).name != fname:
             raise ValueError(f"fname={fname!r}: pass a plain file name stem such as 'ckpt' (files go to learn.path/learn.model_dir)")
+        if background not in (None, True, False):
+            raise ValueError(f"background={background!r}: pass True (write on a thread), False (write before training goes on) or None (choose by device)")
         store_attr()
 
     @property
@@ -70,12 +75,13 @@ def before_fit(self:SaveEveryNCallback):
     self.fit_id = self.manifest.next_fit() if not self.overwrite else 1
     self.saved, self.start = L(), time.monotonic()
     self.last_time, self.last_iter = self.start, None
+    self._start_writer()
 
 @patch
 def after_batch(self:SaveEveryNCallback):
     if not self.training: return
     if self.batches and self.train_iter % self.batches == 0: self._save('batches')
-    elif self.minutes and time.monotonic() - self.last_time >= self.minutes*60: self._save('minutes')
+    elif self.minutes and rank0_decides(time.monotonic() - self.last_time >= self.minutes*60): self._save('minutes')
 
 @patch
 def after_epoch(self:SaveEveryNCallback):
@@ -84,48 +90,75 @@ def after_epoch(self:SaveEveryNCallback):
 
 # %% ../nbs/02_save.ipynb #db3d10a7
 @patch
+def _start_writer(self:SaveEveryNCallback):
+    old = getattr(self, '_writer', None)
+    if old is not None:  # a fit that ended in an exception skipped after_fit: let its last save finish first
+        try: old.wait()
+        except OSError as e: warnings.warn(f"SaveEvery: the last save of the previous fit failed ({e})")
+    p = next(get_model(self.model).parameters(), None)
+    self.in_background = self.background if self.background is not None else (p is not None and p.device.type == 'cuda')
+    self._writer, self._snapshot, self._lock = BackgroundWriter(), Snapshot(), threading.Lock()
+    self._state = self._entry = None
+
+@patch
+def _failed(self:SaveEveryNCallback, e):
+    if self.stop_on_error: raise e
+    warnings.warn(f"SaveEvery could not save a checkpoint to {self.folder} ({e}); earlier checkpoints and the manifest "
+                  "are intact and training goes on. Free disk space or fix the folder's permissions, or pass "
+                  "stop_on_error=True to stop training when a save fails")
+
+@patch
 def _save(self:SaveEveryNCallback, trigger:str):
     if self.last_iter == self.train_iter: return
     self.last_iter = self.train_iter
     if rank_distrib() == 0:
-        try: self._write(trigger)
-        except OSError as e:
-            if self.stop_on_error: raise
-            warnings.warn(f"SaveEvery could not save a checkpoint to {self.folder} ({e}); earlier checkpoints and the manifest "
-                          "are intact and training goes on. Free disk space or fix the folder's permissions, or pass "
-                          "stop_on_error=True to stop training when a save fails")
+        for step in (self._writer.wait, partial(self._write, trigger)):  # the save in flight (its error shows here), then this one
+            try: step()
+            except OSError as e: self._failed(e)
     self.last_time = time.monotonic()
 
 @patch
 def _write(self:SaveEveryNCallback, trigger:str):
-    m = self.manifest
-    name = checkpoint_name(self.fname, self.fit_id, len(self.saved)+1)
+    "Take the state and its record on the training thread; write it now, or on the writer thread"
+    opt = getattr(self.learn, 'opt', None)
+    at_end = trigger == 'epochs'
+    self._entry = entry = dict(file=checkpoint_name(self.fname, self.fit_id, len(self.saved)+1), fit=self.fit_id,
+        epoch=float(self.epoch+1) if at_end else self.epoch + (self.iter+1)/self.n_iter, iter=self.train_iter,
+        seconds=round(time.monotonic()-self.start, 3), train_loss=self._train_loss(),
+        metrics=_metrics(self.learn) if at_end else {}, with_opt=bool(self.with_opt and opt is not None), trigger=trigger)
+    state = get_model(self.model).state_dict()  # what fastai's save_model writes
+    if entry['with_opt']: state = {'model': state, 'opt': opt.state_dict()}
+    if not self.in_background: self._state = state; return self._commit(entry)
+    self._state = self._snapshot.take(state)
+    self._writer.submit(partial(self._commit, entry))
+
+@patch
+def _commit(self:SaveEveryNCallback, entry):
+    "Write the state to its file, then record it in the manifest; take it all back if the manifest cannot be written"
+    self._snapshot.ready()
     self.folder.mkdir(parents=True, exist_ok=True)
     if not self.saved: clean_stale_temps(self.folder, self.fname)
-    opt = getattr(self.learn, 'opt', None)
-    meta = atomic_write(self.folder/name, self._write_model, overwrite=self.overwrite)
-    at_end = trigger == 'epochs'
-    entry = dict(file=name, fit=self.fit_id, epoch=float(self.epoch+1) if at_end else self.epoch + (self.iter+1)/self.n_iter,
-                 iter=self.train_iter, seconds=round(time.monotonic()-self.start, 3), train_loss=self._train_loss(),
-                 metrics=_metrics(self.learn) if at_end else {}, **meta, with_opt=bool(self.with_opt and opt is not None),
-                 trigger=trigger, saved_at=_now())
-    new_fit = not any(f.get('fit') == self.fit_id for f in m.fits)
-    if new_fit: m.fits.append(dict(fit=self.fit_id, started=_now(), n_epoch=self.n_epoch,
-                                   triggers={k:v for k in ('epochs','minutes','batches') if (v:=getattr(self, k)) is not None}))
-    m.checkpoints.append(entry)
-    try: m.write()
-    except BaseException:  # the manifest on disk is unchanged: take the save back whole
-        m.checkpoints.pop()
-        if new_fit: m.fits.pop()
-        (self.folder/name).unlink(missing_ok=True)
-        raise
-    self.saved.append(entry)
-    self._rotate()
+    name = entry['file']
+    entry.update(atomic_write(self.folder/name, self._write_model, overwrite=self.overwrite), saved_at=_now())
+    with self._lock:
+        m = self.manifest
+        new_fit = not any(f.get('fit') == self.fit_id for f in m.fits)
+        if new_fit: m.fits.append(dict(fit=self.fit_id, started=_now(), n_epoch=self.n_epoch,
+                                       triggers={k:v for k in ('epochs','minutes','batches') if (v:=getattr(self, k)) is not None}))
+        m.checkpoints.append(entry)
+        try: m.write()
+        except BaseException:  # the manifest on disk is unchanged: take the save back whole
+            m.checkpoints.pop()
+            if new_fit: m.fits.pop()
+            (self.folder/name).unlink(missing_ok=True)
+            raise
+        self.saved.append(entry)
+        self._rotate()
 
 @patch
 def _write_model(self:SaveEveryNCallback, f):
-    "Write the model (and optimizer state if `with_opt`) to the open file `f`, as fastai's `save_model` does"
-    save_model(f, self.model, getattr(self.learn, 'opt', None), with_opt=self.with_opt)
+    "Write the state taken by `_write` to the open file `f` as fastai's `save_model` would, without torch's CRC32"
+    save_no_crc(self._state, f, pickle_protocol=2)
 
 @patch
 def _train_loss(self:SaveEveryNCallback):
@@ -136,10 +169,12 @@ def _train_loss(self:SaveEveryNCallback):
 @patch
 def _add_metrics(self:SaveEveryNCallback):
     "Attach the epoch's validation metrics to the save made at its last batch (the same weights)"
-    if rank_distrib() != 0 or not self.saved: return
-    self.saved[-1]['metrics'] = _metrics(self.learn)
-    try: self.manifest.write()
-    except OSError as e: warnings.warn(f"SaveEvery could not record validation metrics in {self.manifest.path} ({e})")
+    if rank_distrib() != 0 or self._entry is None: return
+    with self._lock:
+        self._entry['metrics'] = _metrics(self.learn)
+        if not (self.saved and self.saved[-1] is self._entry): return  # in flight: recorded with its metrics; or failed
+        try: self.manifest.write()
+        except OSError as e: warnings.warn(f"SaveEvery could not record validation metrics in {self.manifest.path} ({e})")
 
 @patch
 def _rotate(self:SaveEveryNCallback):
@@ -157,8 +192,12 @@ def _rotate(self:SaveEveryNCallback):
 
 @patch
 def after_fit(self:SaveEveryNCallback):
-    "What this fit saved: `self.saved` holds the manifest entries, `self.paths` the files"
-    self.paths = L(self.manifest.file(e) for e in self.saved)
+    "Wait for the last save to be written; then `self.saved` holds this fit's manifest entries, `self.paths` the files"
+    try: self._writer.wait()
+    except OSError as e: self._failed(e)
+    finally:
+        self._snapshot.release(); self._state = None
+        self.paths = L(self.manifest.file(e) for e in self.saved)
 
 # %% ../nbs/02_save.ipynb #8177f933
 SaveEvery = SaveEveryNCallback
