@@ -6,14 +6,16 @@
 __all__ = []
 
 # %% ../nbs/06_all.ipynb #c66f4aeb
-from . import core, manifest, formats, save, average, strategies, demo
+from . import core, manifest, formats, writer, distrib, save, average, strategies, demo
 from .core import *
 from .manifest import *
 from .formats import *
+from .writer import *
+from .distrib import *
 from .save import *
 from .average import *
 from .strategies import *
 from .demo import *
 
 # %% ../nbs/06_all.ipynb #4cea4b73
-__all__ = [name for module in (core, manifest, formats, save, average, strategies, demo) for name in module.__all__]
+__all__ = [name for module in (core, manifest, formats, writer, distrib, save, average, strategies, demo) for name in module.__all__]
