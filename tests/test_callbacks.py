@@ -10,24 +10,13 @@ from ckpt_avg.average import AverageLast
 from ckpt_avg.core import average_checkpoints, CheckpointError
 from ckpt_avg.manifest import Manifest, file_hash
 from ckpt_avg.demo import digits_learner
+from helpers import fit, state, states_equal, mean_of, folder
 
 
 def make_learner(path, **kw):
     learn = digits_learner(path=path, **kw)
     return learn
 
-def fit(learn, n, cbs, lr=0.1, fn='fit'):
-    with learn.no_bar(), learn.no_logging(): getattr(learn, fn)(n, lr, cbs=cbs)
-
-def state(model): return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-def states_equal(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-def mean_of(states):
-    res = {}
-    for k, v in states[-1].items():
-        res[k] = (sum(s[k].double() for s in states)/len(states)).to(v.dtype) if v.is_floating_point() else v
-    return res
 
 class Capture(Callback):
     "Record the model state, iteration and clock each time a SaveEvery of fname 'ckpt' has just saved"
@@ -47,8 +36,6 @@ class SlowBatches(Callback):
     def __init__(self, secs): self.secs = secs
     def after_batch(self):
         if self.training: time.sleep(self.secs)
-
-def folder(learn): return Path(learn.path)/learn.model_dir
 
 
 def test_average_equals_mean_of_last_k_saved_states(tmp_path):

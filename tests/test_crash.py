@@ -18,6 +18,7 @@ from ckpt_avg.core import average_checkpoints, load_state
 from ckpt_avg.save import SaveEvery, SaveEveryNCallback
 from ckpt_avg.average import AverageLast
 from ckpt_avg.demo import digits_learner
+from helpers import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,8 +218,6 @@ class Record(Callback):
         d = Path(self.learn.path)/self.learn.model_dir
         self.shots.append({p.name: p.read_bytes() for p in d.iterdir()} if d.exists() else {})
 
-def fit(learn, n, cbs, lr=0.1):
-    with learn.no_bar(), learn.no_logging(): learn.fit(n, lr, cbs=cbs)
 
 def models(learn): return Path(learn.path)/learn.model_dir
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest, torch
 from ckpt_avg.core import average_checkpoints
 from ckpt_avg.manifest import Manifest, file_hash
+from helpers import states_equal
 
 pytest.importorskip('accelerate', reason="fastai's distrib_ctx needs accelerate (in settings.ini's dev_requirements)")
 WORKER = Path(__file__).with_name('ddp_worker.py')
@@ -22,7 +23,6 @@ def torchrun(folder, mode):
     assert len(outs) == 2, f"torchrun exited {r.returncode}:\n{r.stderr[-3000:]}"
     return outs
 
-def states_equal(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 @pytest.mark.parametrize('mode', ['sync', 'background'])
 def test_two_ranks_one_writer_same_saves_same_average(tmp_path, mode):

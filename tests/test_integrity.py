@@ -8,14 +8,8 @@ from ckpt_avg.average import AverageLast
 from ckpt_avg.core import average_checkpoints
 from ckpt_avg.manifest import Manifest, IntegrityError
 from ckpt_avg.demo import digits_learner
+from helpers import fit, state, states_equal, folder
 
-
-def fit(learn, n, cbs, lr=0.1):
-    with learn.no_bar(), learn.no_logging(): learn.fit(n, lr, cbs=cbs)
-
-def state(model): return {k: v.detach().clone() for k, v in model.state_dict().items()}
-def states_equal(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-def folder(learn): return Path(learn.path)/learn.model_dir
 
 def payload_offset(path):
     "Offset in `path` of the first bytes of its largest tensor (inside the zip's stored data, not its headers)"

@@ -6,17 +6,9 @@ from ckpt_avg.save import SaveEvery, SaveEveryNCallback
 from ckpt_avg.average import AverageLast
 from ckpt_avg.manifest import Manifest
 from ckpt_avg.demo import digits_learner
+from helpers import fit, state, states_equal, folder
 
 
-def fit(learn, n, cbs, lr=0.1, quiet=True):
-    with learn.no_bar():
-        if quiet:
-            with learn.no_logging(): learn.fit(n, lr, cbs=cbs)
-        else: learn.fit(n, lr, cbs=cbs)
-
-def state(model): return {k: v.detach().clone() for k, v in model.state_dict().items()}
-def states_equal(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-def folder(learn): return Path(learn.path)/learn.model_dir
 def validate(learn): return [float(v) for v in learn.validate()]
 
 class Final(Callback):

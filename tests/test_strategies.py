@@ -10,14 +10,8 @@ from ckpt_avg.core import average_checkpoints
 from ckpt_avg.manifest import Manifest
 from ckpt_avg.strategies import select_checkpoints, greedy_soup
 from ckpt_avg.demo import digits_learner
+from helpers import fit, state, states_equal, folder
 
-
-def fit(learn, n, cbs, lr=0.1):
-    with learn.no_bar(), learn.no_logging(): learn.fit(n, lr, cbs=cbs)
-
-def state(model): return {k: v.detach().clone() for k, v in model.state_dict().items()}
-def states_equal(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-def folder(learn): return Path(learn.path)/learn.model_dir
 
 class Capture(Callback):
     "The model's state each time the SaveEvery has just saved, and at the end of the fit"

@@ -7,20 +7,8 @@ from ckpt_avg.save import SaveEvery
 from ckpt_avg.average import AverageLast
 from ckpt_avg.manifest import Manifest, file_hash
 from ckpt_avg.demo import digits_learner
+from helpers import fit, state, states_equal, mean_of, folder
 
-
-def fit(learn, n, cbs, lr=0.1):
-    with learn.no_bar(), learn.no_logging(): learn.fit(n, lr, cbs=cbs)
-
-def state(model): return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-def states_equal(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-def mean_of(states):
-    return {k: (sum(s[k].double() for s in states)/len(states)).to(v.dtype) if v.is_floating_point() else v
-            for k, v in states[-1].items()}
-
-def folder(learn): return Path(learn.path)/learn.model_dir
 
 def no_temps(learn): return not list(folder(learn).glob('.*.tmp'))
 
