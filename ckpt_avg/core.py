@@ -4,8 +4,9 @@
 
 # %% ../nbs/01_core.ipynb #f17aca89
 from __future__ import annotations
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-import torch
+import numpy as np, torch
 from .manifest import Manifest
 from .formats import CheckpointError, read_checkpoint, write_stream
 
@@ -24,20 +25,22 @@ def load_state(
     return read_checkpoint(file, format, strip_prefix).state
 
 # %% ../nbs/01_core.ipynb #94cdd8d5
+def _mismatch(ref, other, a, b):
+    "The first difference between state dicts `ref` (of `a`) and `other` (of `b`): a missing key, then a shape or dtype"
+    if other.keys() != ref.keys():
+        k = sorted(other.keys() ^ ref.keys())[0]
+        has, hasnt = (a, b) if k in ref else (b, a)
+        return f"key {k!r} is in {has} but not in {hasnt}"
+    for k, t in other.items():
+        r = ref[k]
+        if t.shape != r.shape or t.dtype != r.dtype:
+            return f"key {k!r} is {tuple(r.shape)} {r.dtype} in {a} but {tuple(t.shape)} {t.dtype} in {b}"
+
 def _check_compatible(states, files):
     "Raise a `CheckpointError` naming the key and the two files where checkpoints disagree"
-    ref, f0 = states[0], files[0]
     for s, f in zip(states[1:], files[1:]):
-        if s.keys() != ref.keys():
-            k = sorted(s.keys() ^ ref.keys())[0]
-            has, hasnt = (f0, f) if k in ref else (f, f0)
-            raise CheckpointError(f"key {k!r} is in {has} but not in {hasnt}: these checkpoints are of different models; "
-                                  "average only saves of one model")
-        for k, t in s.items():
-            r = ref[k]
-            if t.shape != r.shape or t.dtype != r.dtype:
-                raise CheckpointError(f"key {k!r} is {tuple(r.shape)} {r.dtype} in {f0} but {tuple(t.shape)} {t.dtype} in {f}: "
-                                      "these checkpoints are of different models or precisions; average only saves of one model")
+        if m := _mismatch(states[0], s, files[0], f):
+            raise CheckpointError(f"{m}: these checkpoints are of different models or precisions; average only saves of one model")
 
 def _normalised(weights, k):
     if weights is None: return None
@@ -50,32 +53,62 @@ def _normalised(weights, k):
 # %% ../nbs/01_core.ipynb #291b36d1
 _WINDOW = 4<<20
 _ACC = torch.float64  # the accumulator; bench/avg_bench.py compares float32 here to price exactness
+_BY_NUMPY = (torch.float32, torch.float64, torch.complex64, torch.complex128)  # float16, bfloat16: torch converts them faster
 
-def _average_tensor(srcs, weights, chunk:int, out=None, release=None):
+def _flat(t):
+    "`t` as one dimension: a numpy view where numpy converts its dtype fast, else the tensor"
+    t = t.reshape(-1)
+    return t.numpy() if t.dtype in _BY_NUMPY else t
+
+def _convert(dst, src):
+    "Copy `src` (a numpy array or a tensor) into `dst` (one of them too), converting dtypes, rounding once"
+    if isinstance(src, np.ndarray) and isinstance(dst, np.ndarray): np.copyto(dst, src, casting='same_kind')
+    else: torch.as_tensor(dst).copy_(torch.as_tensor(src))
+
+def _scratch(buffers:dict, key, chunk:int):
+    "Two `chunk`-element numpy buffers for `key` (dtype, worker), allocated once per average and reused for every tensor"
+    if key not in buffers: buffers[key] = tuple(torch.empty(chunk, dtype=key[0]).numpy() for _ in range(2))
+    return buffers[key]
+
+def _average_range(srcs, flat, o, lo:int, hi:int, weights, chunk:int, scratch, release):
+    "Elements `lo:hi` of the mean of `flat` (the sources, flat) into `o`, chunk by chunk through `scratch`"
+    acc, tmp = scratch
+    k = len(flat)
+    # give the inputs' pages back every few chunks: about _WINDOW bytes of inputs mapped at any time, whatever K
+    every, done = max(1, _WINDOW // (k * chunk * srcs[0].element_size())), lo
+    for c, i in enumerate(range(lo, hi, chunk)):
+        j = min(i+chunk, hi)
+        a, b = acc[:j-i], tmp[:j-i]
+        _convert(a, flat[0][i:j])
+        if weights: np.multiply(a, weights[0], out=a)
+        for s, w in zip(flat[1:], (weights or [None]*k)[1:]):
+            _convert(b, s[i:j])
+            if w is not None: np.multiply(b, w, out=b)
+            np.add(a, b, out=a)
+        if not weights: np.divide(a, k, out=a)
+        _convert(o[i:j], a)
+        if release and ((c+1) % every == 0 or j == hi):
+            for r, s in zip(release, srcs): r(s.reshape(-1)[done:j])
+            done = j
+
+_POOL = None
+def _pool(workers:int)->ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers: _POOL = ThreadPoolExecutor(workers, thread_name_prefix='ckpt_avg')
+    return _POOL
+
+def _average_tensor(srcs, weights, chunk:int, out=None, release=None, buffers=None):
     "Exact (weighted) mean of same-shaped tensors `srcs`, in float64 chunks, in their own dtype, into `out` if given"
     if out is None: out = torch.empty(srcs[0].shape, dtype=srcs[0].dtype)
-    flat = [s.reshape(-1) for s in srcs]
+    n, buffers = out.numel(), {} if buffers is None else buffers
     acc_dtype = torch.complex128 if srcs[0].is_complex() else _ACC
-    n = out.numel()
-    acc = torch.empty(min(n, chunk), dtype=acc_dtype)
-    tmp = torch.empty_like(acc)
-    o = out.view(-1)
-    # give the inputs' pages back every few chunks: about _WINDOW bytes of inputs mapped at any time, whatever K
-    every, done = max(1, _WINDOW // (len(flat) * chunk * flat[0].element_size())), 0
-    for c, i in enumerate(range(0, n, chunk)):
-        j = min(i+chunk, n)
-        a, b = acc[:j-i], tmp[:j-i]
-        a.copy_(flat[0][i:j])
-        if weights: a.mul_(weights[0])
-        for s, w in zip(flat[1:], (weights or [1.]*len(flat))[1:]):
-            b.copy_(s[i:j])
-            if weights: a.add_(b, alpha=w)
-            else: a.add_(b)
-        if not weights: a.div_(len(flat))
-        o[i:j].copy_(a)
-        if release and ((c+1) % every == 0 or j == n):
-            for r, s in zip(release, flat): r(s[done:j])
-            done = j
+    flat, o = [_flat(s) for s in srcs], _flat(out.detach())
+    # torch's thread count (`torch.set_num_threads`, `--threads`) splits a large tensor into chunk-aligned parts
+    w = max(1, min(torch.get_num_threads(), n // chunk))
+    cuts = [n*t//w//chunk*chunk for t in range(w)] + [n]
+    part = lambda t: _average_range(srcs, flat, o, cuts[t], cuts[t+1], weights, chunk, _scratch(buffers, (acc_dtype, t), chunk), release)
+    if w == 1: part(0)
+    else: list(_pool(w).map(part, range(w)))  # numpy lets go of the GIL while it works; an error is raised here
     return out
 
 # %% ../nbs/01_core.ipynb #f176e7b6
@@ -101,14 +134,8 @@ def _as_files(files, k, fname, fit):
 
 # %% ../nbs/01_core.ipynb #ef6b1b49
 def _check_into(into, ref):
-    if into.keys() != ref.keys():
-        k = sorted(into.keys() ^ ref.keys())[0]
-        raise CheckpointError(f"key {k!r} is in {'into' if k in into else 'the checkpoints'} but not in "
-                              f"{'the checkpoints' if k in into else 'into'}; pass into= the state dict of the model the checkpoints were saved from")
-    for k, t in ref.items():
-        if into[k].shape != t.shape or into[k].dtype != t.dtype:
-            raise CheckpointError(f"key {k!r} is {tuple(t.shape)} {t.dtype} in the checkpoints but {tuple(into[k].shape)} {into[k].dtype} in into=; "
-                                  "pass the state dict of the model the checkpoints were saved from")
+    if m := _mismatch(ref, into, 'the checkpoints', 'into='):
+        raise CheckpointError(f"{m}; pass into= the state dict of the model the checkpoints were saved from")
 
 def _progress(keys, show):
     if not show: return keys
@@ -128,10 +155,11 @@ def _prepare(files, k, fname, fit, weights, format, strip_prefix):
 def _averages(ckpts, weights, chunk, dst=lambda key: None, progress=False):
     "Yield (key, average) tensor by tensor, into `dst(key)` when it gives a tensor; integer tensors: the newest file's, as mapped"
     states, release = [c.state for c in ckpts], [c.release for c in ckpts]
+    buffers = {}  # the float64 scratch, shared by all tensors: fresh buffers per tensor would page-fault every time
     with torch.no_grad():
         for key in _progress(list(states[0]), progress):
             srcs = [s[key] for s in states]
-            if srcs[0].is_floating_point() or srcs[0].is_complex(): yield key, _average_tensor(srcs, weights, chunk, dst(key), release)
+            if srcs[0].is_floating_point() or srcs[0].is_complex(): yield key, _average_tensor(srcs, weights, chunk, dst(key), release, buffers)
             else: yield key, srcs[-1]
             for c, t in zip(ckpts, srcs): c.release(t)
 
