@@ -4,7 +4,9 @@ For a model of about 100 MB and one of about 400 MB (fp32 MLPs, fastai Adam, rea
 run trains the same seeded model for `epochs` epochs with one save per epoch, in four modes run in rotation
 (none, fastai, sync, background), `reps` times. The last epoch has no save: in a long run a background write
 overlaps the training that follows it, and only the fit's last save is waited for at its end (once per fit, like
-a synchronous save), so the per-save cost is measured away from that end. It prints, per size and mode, medians over the paired runs of:
+a synchronous save), so the per-save cost is measured away from that end. Between runs, untimed, the checkpoints are
+deleted and `os.sync()` is called: without it a run paid for the writeback and the ext4 discards of the run before
+(on the 2-core VM a 403 MB synchronous save blocked 845 ms after another mode's run, 90 ms from a quiet disk). It prints, per size and mode, medians over the paired runs of:
 
 * blocked / memcpy: time the training thread spends inside the save call, per save, divided by the time of one copy
   of the state into memory already allocated (on CUDA: device-to-host into pinned memory, synchronised);
@@ -51,10 +53,10 @@ def timed(cls, meth):
 FastaiSave = timed(SaveModelCallback, '_save')
 OurSave = timed(SaveEvery, '_save')
 
-def callbacks(mode, device):
+def callbacks(mode, with_opt):
     if mode == 'none': return []
-    if mode == 'fastai': cb = FastaiSave(every_epoch=1, with_opt=False)
-    else: cb = OurSave(epochs=1, background=(mode == 'background'))
+    if mode == 'fastai': cb = FastaiSave(every_epoch=1, with_opt=with_opt)
+    else: cb = OurSave(epochs=1, with_opt=with_opt, background=(mode == 'background'))
     return [cb]
 
 def sync(device):
@@ -65,12 +67,14 @@ def run(size, mode, a):
     path = Path(tempfile.mkdtemp(prefix='save_bench_', dir=a.dir))
     try:
         learn = learner(width, depth, bs, n_batches, a.device, path)
-        cbs = callbacks(mode, a.device)
+        cbs = callbacks(mode, a.with_opt)
         sync(a.device); t = time.perf_counter()
         with learn.no_bar(), learn.no_logging(): learn.fit(a.epochs, 1e-4, cbs=cbs)
         sync(a.device); wall = time.perf_counter() - t
         return wall, (cbs[0].blocked if cbs else [])
-    finally: shutil.rmtree(path, ignore_errors=True)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.sync()  # untimed: every run starts with no dirty pages, journal commits or discards left by the run before
 
 def memcpy_time(size, device, n=7):
     "Median time of copying the model's state into preallocated buffers (pinned, synchronised, on CUDA)"
@@ -92,16 +96,18 @@ def main():
     p.add_argument('--epochs', type=int, default=4, help='one save per epoch but the last')
     p.add_argument('--sizes', default='100,400', help='model sizes in MB, from 100 and 400')
     p.add_argument('--dir', default=None, help='folder for the checkpoints (default: the system temp folder)')
+    p.add_argument('--with-opt', action='store_true', help='save the optimizer state too (Adam: 3 x the model bytes)')
     p.add_argument('--threads', type=int, default=None, help="torch's CPU threads (default: torch's choice)")
     a = p.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     cpu = torch.device(a.device).type == 'cpu'
     sizes = {'100': (1024, 24, 16 if cpu else 2048, 6 if cpu else 40), '400': (2048, 24, 16 if cpu else 2048, 4 if cpu else 20)}
     modes = ['none', 'fastai', 'sync', 'background']
-    print(f"device {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, {a.epochs} epochs = {a.epochs-1} saves per fit, {a.reps} rotations")
+    print(f"device {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, with_opt={a.with_opt}, {a.epochs} epochs = {a.epochs-1} saves per fit, {a.reps} rotations")
     for name in a.sizes.split(','):
         size = sizes[name]
         copy_s, nbytes = memcpy_time(size, a.device)
+        if a.with_opt: copy_s, nbytes = 3*copy_s, 3*nbytes  # Adam's two moments are the size of the model
         run(size, 'none', a)  # warm-up
         walls, blocked = {m: [] for m in modes}, {m: [] for m in modes}
         for r in range(a.reps):
@@ -118,7 +124,6 @@ def main():
             print(f"{m:<12}{b*1e3:>16.1f}{b/copy_s:>10.2f}{l*1e3:>14.1f}{l/copy_s:>10.2f}{ratio_sync:>12.2f}   "
                   + ' '.join(f'{x*1e3:.0f}' for x in lost[m]))
         best = min(('sync', 'background'), key=lambda m: med(lost[m]))
-        print(f"least training time lost on {a.device}: {best} (SaveEvery's default here: "
-              f"{'background' if torch.device(a.device).type == 'cuda' else 'sync'})")
+        print(f"least training time lost on {a.device}: {best} (SaveEvery's default: background)")
 
 if __name__ == '__main__': main()

@@ -71,7 +71,7 @@ class SaveEveryNCallback(Callback):
         overwrite:bool=False,# start the manifest afresh at fit 1, replacing files of earlier fits
         stop_on_error:bool=False, # a failed save stops training (default: warn and train on)
         start_at=None,       # no saves before this point: an int epoch (15), a fraction of the fit (0.75) or '2000it'
-        background:bool=None,# write on a background thread; None: yes when the model is on a GPU, no on a CPU
+        background:bool=True,# write on a thread from a reused copy of the state; False: write before training goes on
     ):
         if epochs is None and minutes is None and batches is None:
             raise ValueError("SaveEvery needs a trigger: pass epochs=, minutes= or batches= (e.g. SaveEvery(epochs=1))")
@@ -79,8 +79,8 @@ class SaveEveryNCallback(Callback):
         _positive('keep', keep, int, 'to keep every checkpoint'); self._start = _start_point(start_at)
         if not isinstance(fname, str) or not fname or Path(fname).name != fname:
             raise ValueError(f"fname={fname!r}: pass a plain file name stem such as 'ckpt' (files go to learn.path/learn.model_dir)")
-        if background not in (None, True, False):
-            raise ValueError(f"background={background!r}: pass True (write on a thread), False (write before training goes on) or None (choose by device)")
+        if background not in (True, False):
+            raise ValueError(f"background={background!r}: pass True (write on a thread, the default) or False (write before training goes on, no extra memory)")
         store_attr()
 
     @property
@@ -119,8 +119,7 @@ def _start_writer(self:SaveEveryNCallback):
     if old is not None:  # a fit that ended in an exception skipped after_fit: let its last save finish first
         try: old.wait()
         except OSError as e: warnings.warn(f"SaveEvery: the last save of the previous fit failed ({e})")
-    p = next(get_model(self.model).parameters(), None)
-    self.in_background = self.background if self.background is not None else (p is not None and p.device.type == 'cuda')
+    self.in_background = bool(self.background)
     self._writer, self._snapshot, self._lock = BackgroundWriter(), Snapshot(), threading.Lock()
     self._state = self._entry = None
 

@@ -19,14 +19,15 @@ def make_learner(path, **kw):
 
 
 class Capture(Callback):
-    "Record the model state, iteration and clock each time a SaveEvery of fname 'ckpt' has just saved"
+    "Record the model state, iteration and clock each time a SaveEvery of fname 'ckpt' has just taken a save"
     order = SaveEveryNCallback.order + 0.5
     def before_fit(self):
         self.saver = next(cb for cb in self.learn.cbs if isinstance(cb, SaveEveryNCallback))
-        self.states, self.iters, self.times, self.n = [], [], [], 0
+        self.states, self.iters, self.times, self.last = [], [], [], None
     def _grab(self):
-        if len(self.saver.saved) > self.n:
-            self.n = len(self.saver.saved)
+        # a new entry: the saver took the state at this step (written now, or in the background while training goes on)
+        if self.saver._entry is not None and self.saver._entry is not self.last:
+            self.last = self.saver._entry
             self.states.append(state(self.model)); self.iters.append(self.train_iter); self.times.append(time.monotonic())
     def after_batch(self): self._grab()
     def after_epoch(self): self._grab()

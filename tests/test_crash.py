@@ -211,7 +211,9 @@ class FailingSave(SaveEveryNCallback):
         super()._write_model(f)
 
 class Record(Callback):
-    "After each epoch (after SaveEvery), record the folder: every file's bytes"
+    """After each epoch (after SaveEvery), record the folder: every file's bytes. The tests that use it save with
+    background=False, so that the folder is settled at the end of each epoch; test_writer.py has the same failures
+    in the background, where a failed write is reported at the next save"""
     order = SaveEveryNCallback.order + 0.5
     def before_fit(self): self.shots = []
     def after_epoch(self):
@@ -225,7 +227,7 @@ def test_failed_saves_warn_keep_everything_and_training_goes_on(tmp_path):
     learn = digits_learner(path=tmp_path)
     rec = Record()
     with pytest.warns(UserWarning, match=r'could not save a checkpoint .*No space left on device.*intact and training goes on'):
-        fit(learn, 5, [FailingSave(fail={3, 4}, epochs=1, keep=2), rec])
+        fit(learn, 5, [FailingSave(fail={3, 4}, epochs=1, keep=2, background=False), rec])
     assert len(learn.recorder.values) == 5  # all 5 epochs trained
     # saves 3 and 4 changed nothing on disk: no file, no temporary, the manifest byte for byte; keep=2 deleted nothing
     assert rec.shots[2] == rec.shots[1] == rec.shots[3]
@@ -241,7 +243,7 @@ def test_stop_on_error_stops_training_and_keeps_everything(tmp_path):
     learn = digits_learner(path=tmp_path)
     rec = Record()
     with pytest.raises(OSError, match='Permission denied'):
-        fit(learn, 5, [FailingSave(fail={3}, err=errno.EACCES, epochs=1, keep=2, stop_on_error=True), rec])
+        fit(learn, 5, [FailingSave(fail={3}, err=errno.EACCES, epochs=1, keep=2, stop_on_error=True, background=False), rec])
     assert len(rec.shots) == 2  # training stopped in epoch 3
     after = {p.name: p.read_bytes() for p in models(learn).iterdir()}
     assert after == rec.shots[1]
@@ -257,7 +259,7 @@ def test_a_manifest_that_cannot_be_written_takes_the_save_back(tmp_path, monkeyp
         real(self)
     monkeypatch.setattr(Manifest, 'write', write)
     with pytest.warns(UserWarning, match='Read-only file system'):
-        fit(learn, 4, [SaveEvery(epochs=1), rec])
+        fit(learn, 4, [SaveEvery(epochs=1, background=False), rec])
     assert rec.shots[2] == rec.shots[1]  # the checkpoint of epoch 3 was removed again, the manifest untouched
     m = Manifest(models(learn))
     assert [e['epoch'] for e in m.live()] == [1.0, 2.0, 4.0] and m.verify()
@@ -276,7 +278,7 @@ def test_a_real_full_disk(tiny_disk):
     learn = digits_learner(path=tiny_disk)
     rec = Record()
     with pytest.warns(UserWarning, match='No space left on device'):
-        fit(learn, 4, [SaveEvery(epochs=1), rec])
+        fit(learn, 4, [SaveEvery(epochs=1, background=False), rec])
     assert len(learn.recorder.values) == 4
     full = next(i for i in range(1, 4) if rec.shots[i] == rec.shots[i-1])  # the first save that did not fit
     assert full >= 2 and rec.shots[-1] == rec.shots[full-1]
@@ -292,7 +294,7 @@ def test_a_folder_that_turns_read_only(tiny_disk):
     learn = digits_learner(path=tiny_disk)
     rec = Record()
     with pytest.warns(UserWarning, match='Read-only file system'):
-        fit(learn, 3, [SaveEvery(epochs=1, keep=1), ReadOnlyAfter2(), rec])
+        fit(learn, 3, [SaveEvery(epochs=1, keep=1, background=False), ReadOnlyAfter2(), rec])
     assert len(learn.recorder.values) == 3
     assert rec.shots[2] == rec.shots[1]
     m = Manifest(models(learn))

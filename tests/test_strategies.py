@@ -14,13 +14,14 @@ from helpers import fit, state, states_equal, folder
 
 
 class Capture(Callback):
-    "The model's state each time the SaveEvery has just saved, and at the end of the fit"
+    "The model's state each time the SaveEvery has just taken a save (written now or in the background), and at the end of the fit"
     order = SaveEveryNCallback.order + 0.5
     def before_fit(self):
         self.saver = next(cb for cb in self.learn.cbs if isinstance(cb, SaveEveryNCallback))
-        self.states, self.n = [], 0
+        self.states, self.last = [], None
     def _grab(self):
-        if len(self.saver.saved) > self.n: self.n = len(self.saver.saved); self.states.append(state(self.model))
+        e = self.saver._entry
+        if e is not None and e is not self.last: self.last = e; self.states.append(state(self.model))
     def after_batch(self): self._grab()
     def after_epoch(self): self._grab()
     def after_fit(self): self.final = state(self.model)

@@ -125,10 +125,11 @@ def test_background_error_with_stop_on_error_stops_the_fit(tmp_path, bad):
     assert no_temps(learn) and not list(folder(learn).glob('*_avg.pth'))
 
 
-def test_the_default_is_synchronous_on_cpu_and_background_can_be_forced(tmp_path):
+def test_the_default_writes_in_the_background_and_synchronous_can_be_asked_for(tmp_path):
     learn = digits_learner(path=tmp_path)
-    sync, bg = Recording(epochs=1, fname='a'), Recording(epochs=1, fname='b', background=True)
-    fit(learn, 1, [sync, bg])
-    assert sync.in_background is False and sync.threads == {threading.main_thread().name}
+    bg, sync = Recording(epochs=1, fname='a'), Recording(epochs=1, fname='b', background=False)
+    fit(learn, 1, [bg, sync])
     assert bg.in_background is True and bg.threads == {'ckpt_avg-writer'}
-    with pytest.raises(ValueError, match="background='yes'"): SaveEvery(epochs=1, background='yes')
+    assert sync.in_background is False and sync.threads == {threading.main_thread().name}
+    for bad in ('yes', None):
+        with pytest.raises(ValueError, match=f"background={bad!r}: pass True"): SaveEvery(epochs=1, background=bad)
