@@ -37,6 +37,29 @@ def test_every_element_is_the_correctly_rounded_mean(tmp_path, dtype, fmt):
         assert not torch.equal(f32, avg['w'])
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.complex64])
+def test_threads_split_a_tensor_without_changing_a_bit(tmp_path, dtype):
+    "torch's thread count splits large tensors into parts run on Python threads: any count gives the same bits"
+    torch.manual_seed(0)
+    files = []
+    for i in range(4):
+        files.append(tmp_path/f'c{i}.pth')
+        torch.save({'w': torch.randn(100_003).to(dtype), 'b': torch.randn(5).to(dtype)}, files[-1])
+    before = torch.get_num_threads()
+    try:
+        res = {}
+        for threads in (1, 2, 3, 7):
+            torch.set_num_threads(threads)
+            res[threads] = (average_checkpoints(files, chunk=4096), average_checkpoints(files, chunk=4096, weights=[1, 2, 3, 4]))
+    finally: torch.set_num_threads(before)
+    states = [torch.load(f) for f in files]
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    ref = (sum(s['w'].to(wide) for s in states)/4).to(dtype)
+    for threads, (plain, weighted) in res.items():
+        assert torch.equal(plain['w'], ref), threads
+        assert all(torch.equal(weighted[k], res[1][1][k]) and torch.equal(plain[k], res[1][0][k]) for k in ('w', 'b')), threads
+
+
 def test_weighted_mean_is_exact(tmp_path):
     files = noisy_saves(tmp_path, torch.bfloat16, k=3)
     states = [load_state(f) for f in files]
