@@ -147,6 +147,7 @@ def main():
     ap.add_argument('--runs', type=int, default=5)
     ap.add_argument('--cold', action='store_true', help='drop the page cache before each in-process run (root only)')
     ap.add_argument('--dir', type=Path, help='where to write the checkpoints (default: a temporary folder, removed at the end)')
+    ap.add_argument('--kernel', choices=['numpy', 'compiled'], default='numpy', help="the engine's kernel (see ckpt_avg.core)")
     ap.add_argument('--no-naive', action='store_true', help='skip the naive baseline (it needs K+1 models of memory)')
     a = ap.parse_args()
     run = Runner()
@@ -159,10 +160,10 @@ def main():
         disk = sum(f.stat().st_size for f in files)
         print(f"{a.k} x {model_bytes/1e6:.0f} MB of {a.dtype} weights{' + optimizer state' if a.opt else ''} "
               f"({disk/1e9:.2f} GB on disk), written in {time.perf_counter()-t:.0f} s; torch {torch.__version__}, "
-              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, kernel {a.kernel}")
         py = sys.executable
         cmds = dict(torch=[py, '-c', 'import torch'],
-                    ours=[py, '-m', 'ckpt_avg.cli', 'average', *map(str, files), '-o', str(folder/'ours.pth'), '-q', '--force'])
+                    ours=[py, '-m', 'ckpt_avg.cli', 'average', *map(str, files), '-o', str(folder/'ours.pth'), '-q', '--force', '--kernel', a.kernel])
         if not a.no_naive: cmds['naive'] = [py, '-c', NAIVE, *map(str, files), str(folder/'naive.pth')]
         res = {n: [] for n in cmds}
         for r in range(a.runs + 1):  # round 0 warms the page cache and is not counted
@@ -190,7 +191,7 @@ def main():
         import ckpt_avg.core as core
         def fp32_acc():
             core._ACC = torch.float32
-            try: return average_checkpoints(files)
+            try: return average_checkpoints(files)  # the numpy kernel: the one _ACC changes
             finally: core._ACC = torch.float64
         def plain_fp32():
             "The plain float32 accumulator: whole tensors, `acc += x` for each input, then `acc /= K`, on the same mapped files"
@@ -205,7 +206,7 @@ def main():
             return res
         ins = {n: [] for n in ('cat', 'ours', 'naive', 'fp32acc', 'plain32')}
         for r in range(a.runs + 1):
-            for n, f in (('cat', lambda: cat_model_bytes(files)), ('ours', lambda: average_checkpoints(files)), ('fp32acc', fp32_acc),
+            for n, f in (('cat', lambda: cat_model_bytes(files)), ('ours', lambda: average_checkpoints(files, kernel=a.kernel)), ('fp32acc', fp32_acc),
                          ('plain32', plain_fp32), ('naive', naive_avg)):
                 if n == 'naive' and a.no_naive: continue
                 if cold: drop_caches()

@@ -112,7 +112,7 @@ def _average(args)->int:
     del ckpts
     if args.threads: torch.set_num_threads(args.threads)
     meta = average_to_file(files, out, fmt, overwrite=args.force, weights=weights, format=args.input_format,
-                           strip_prefix=args.strip_prefix, progress=not args.quiet and sys.stderr.isatty())
+                           strip_prefix=args.strip_prefix, progress=not args.quiet and sys.stderr.isatty(), kernel=args.kernel)
     if manifest is not None and out.parent.resolve() == manifest.folder.resolve():
         from ckpt_avg.manifest import _now
         manifest.data['averages'].append(dict(file=out.name, fit=args.fit, inputs=[f.name for f in files], bytes=meta['bytes'], hash=meta['hash'], saved_at=_now()))
@@ -140,6 +140,9 @@ def _add_average(sub):
     p.add_argument('--dry-run', action='store_true', help='list what would be averaged and check it can be; write nothing')
     p.add_argument('--threads', type=_whole, metavar='N', help="torch's intra-op threads (default: torch's own choice); "
                    "pass 1 on a machine whose cores are busy with other work, where more threads wait on each other")
+    p.add_argument('--kernel', choices=('numpy', 'compiled'), default='numpy',
+                   help="'compiled': a one-pass kernel built by torch.compile (needs a C++ compiler, ~3-11 s to build; "
+                        "pays off for very large averages); same result (default: %(default)s)")
     p.add_argument('-q', '--quiet', action='store_true', help='print nothing but errors, no progress bar')
     p.set_defaults(run=_average, parser=p)
 

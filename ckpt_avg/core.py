@@ -97,10 +97,12 @@ def _pool(workers:int)->ThreadPoolExecutor:
     if _POOL is None or _POOL._max_workers < workers: _POOL = ThreadPoolExecutor(workers, thread_name_prefix='ckpt_avg')
     return _POOL
 
-def _average_tensor(srcs, weights, chunk:int, out=None, release=None, buffers=None):
+def _average_tensor(srcs, weights, chunk:int, out=None, release=None, buffers=None, kernel:str='numpy'):
     "Exact (weighted) mean of same-shaped tensors `srcs`, in float64 chunks, in their own dtype, into `out` if given"
     if out is None: out = torch.empty(srcs[0].shape, dtype=srcs[0].dtype)
     n, buffers = out.numel(), {} if buffers is None else buffers
+    if kernel == 'compiled' and not srcs[0].is_complex() and n >= _MIN_COMPILED:
+        return _average_compiled(srcs, weights, out, release)
     acc_dtype = torch.complex128 if srcs[0].is_complex() else _ACC
     flat, o = [_flat(s) for s in srcs], _flat(out.detach())
     # torch's thread count (`torch.set_num_threads`, `--threads`) splits a large tensor into chunk-aligned parts
@@ -109,6 +111,45 @@ def _average_tensor(srcs, weights, chunk:int, out=None, release=None, buffers=No
     part = lambda t: _average_range(srcs, flat, o, cuts[t], cuts[t+1], weights, chunk, _scratch(buffers, (acc_dtype, t), chunk), release)
     if w == 1: part(0)
     else: list(_pool(w).map(part, range(w)))  # numpy lets go of the GIL while it works; an error is raised here
+    return out
+
+# %% ../nbs/01_core.ipynb #4481ca94
+_COMPILED, _MIN_COMPILED, _CHUNK_COMPILED = {}, 4096, 1<<20
+
+def _fused_mean(k:int, weighted:bool):
+    "The one-pass exact (weighted) mean of `k` flat tensors, built by `torch.compile` once per `(k, weighted)`"
+    if (k, weighted) not in _COMPILED:
+        def mean(ws, *xs):  # ws: the weights, or [K]; a tensor, so that the division stays a division
+            acc = xs[0].double()*ws[0] if weighted else xs[0].double()
+            for i in range(1, k): acc = acc + (xs[i].double()*ws[i] if weighted else xs[i].double())
+            return (acc if weighted else acc/ws[0]).to(xs[0].dtype)
+        _COMPILED[k, weighted] = torch.compile(mean, dynamic=True)
+    return _COMPILED[k, weighted]
+
+def _kernel_weights(weights, k): return torch.tensor(weights if weights else [float(k)], dtype=torch.float64)
+
+def _check_kernel(kernel, ckpts, weights):
+    "Refuse an unknown `kernel`; build the compiled one for every float dtype of `ckpts` now, before anything is written"
+    if kernel not in ('numpy', 'compiled'): raise ValueError(f"kernel={kernel!r}: pass 'numpy' (the default) or 'compiled'")
+    if kernel == 'numpy': return
+    k, ws = len(ckpts), _kernel_weights(weights, len(ckpts))
+    for dt in {t.dtype for t in ckpts[0].state.values() if t.is_floating_point() and t.numel() >= _MIN_COMPILED}:
+        try: _fused_mean(k, bool(weights))(ws, *[torch.zeros(_MIN_COMPILED, dtype=dt)]*k)
+        except Exception as e:
+            why = (str(e).strip().splitlines() or [''])[0][:200]
+            raise ValueError(f"kernel='compiled' needs torch.compile to build a CPU kernel, and that failed here "
+                               f"({type(e).__name__}: {why}); it needs a C++ compiler such as g++. Pass kernel='numpy' "
+                               "(the default): the same result, a little slower") from None
+
+def _average_compiled(srcs, weights, out, release):
+    "Exact (weighted) mean of `srcs` into `out` by the compiled kernel, a window of inputs at a time"
+    f, ws = _fused_mean(len(srcs), bool(weights)), _kernel_weights(weights, len(srcs))
+    flat, o, n = [s.reshape(-1) for s in srcs], out.view(-1), out.numel()
+    for i in range(0, n, _CHUNK_COMPILED):
+        j = min(i + _CHUNK_COMPILED, n)
+        o[i:j].copy_(f(ws, *[s[i:j] for s in flat]))
+        if release:
+            for r, s in zip(release, flat): r(s[i:j])
     return out
 
 # %% ../nbs/01_core.ipynb #f176e7b6
@@ -143,23 +184,24 @@ def _progress(keys, show):
     return progress_bar(keys, leave=False)
 
 # %% ../nbs/01_core.ipynb #0015a76e
-def _prepare(files, k, fname, fit, weights, format, strip_prefix):
+def _prepare(files, k, fname, fit, weights, format, strip_prefix, kernel='numpy'):
     "The checkpoints to average, checked, and the normalised weights"
     if k is not None and (not isinstance(k, int) or k < 1): raise ValueError(f"k={k!r}: pass an int >= 1, or None for all")
     files = _as_files(files, k, fname, fit)
     weights = _normalised(weights, len(files))
     ckpts = [read_checkpoint(f, format, strip_prefix) for f in files]
     _check_compatible([c.state for c in ckpts], files)
+    _check_kernel(kernel, ckpts, weights)
     return ckpts, weights
 
-def _averages(ckpts, weights, chunk, dst=lambda key: None, progress=False):
+def _averages(ckpts, weights, chunk, dst=lambda key: None, progress=False, kernel='numpy'):
     "Yield (key, average) tensor by tensor, into `dst(key)` when it gives a tensor; integer tensors: the newest file's, as mapped"
     states, release = [c.state for c in ckpts], [c.release for c in ckpts]
     buffers = {}  # the float64 scratch, shared by all tensors: fresh buffers per tensor would page-fault every time
     with torch.no_grad():
         for key in _progress(list(states[0]), progress):
             srcs = [s[key] for s in states]
-            if srcs[0].is_floating_point() or srcs[0].is_complex(): yield key, _average_tensor(srcs, weights, chunk, dst(key), release, buffers)
+            if srcs[0].is_floating_point() or srcs[0].is_complex(): yield key, _average_tensor(srcs, weights, chunk, dst(key), release, buffers, kernel)
             else: yield key, srcs[-1]
             for c, t in zip(ckpts, srcs): c.release(t)
 
@@ -175,14 +217,15 @@ def average_checkpoints(
     strip_prefix:str=None, # keep only the keys under this prefix, without it (e.g. 'model.' for Lightning)
     into:dict=None,      # a state dict to write the average into, in place (e.g. `model.state_dict()`); `None`: a new one
     progress:bool=False, # show a fastprogress bar over the tensors
+    kernel:str='numpy',  # 'compiled': a `torch.compile`d one-pass kernel (needs a C++ compiler; pays off for very large averages)
 )->dict:
     "Exact mean (or weighted mean) of the model weights in `files`, as a new state dict on the CPU (or in `into`)"
-    ckpts, weights = _prepare(files, k, fname, fit, weights, format, strip_prefix)
-    if into is None: return {key: t.clone() if t is ckpts[-1].state[key] else t for key, t in _averages(ckpts, weights, chunk, progress=progress)}
+    ckpts, weights = _prepare(files, k, fname, fit, weights, format, strip_prefix, kernel)
+    if into is None: return {key: t.clone() if t is ckpts[-1].state[key] else t for key, t in _averages(ckpts, weights, chunk, progress=progress, kernel=kernel)}
     _check_into(into, ckpts[0].state)
     direct = lambda key: into[key] if into[key].device.type == 'cpu' and into[key].is_contiguous() else None
     with torch.no_grad():
-        for key, t in _averages(ckpts, weights, chunk, direct, progress):
+        for key, t in _averages(ckpts, weights, chunk, direct, progress, kernel):
             if t is not into[key]: into[key].copy_(t)
     return into
 
@@ -200,12 +243,13 @@ def average_to_file(
     format:str=None,     # the inputs' format; `None`: detect each file's
     strip_prefix:str=None, # keep only the keys under this prefix, without it
     progress:bool=False, # show a fastprogress bar over the tensors
+    kernel:str='numpy',  # 'compiled': a `torch.compile`d one-pass kernel (needs a C++ compiler; pays off for very large averages)
 )->dict:
     "Write the exact mean of the weights in `files` to `output`, atomically; return its size, hash and number of tensors"
-    ckpts, weights = _prepare(files, k, fname, fit, weights, format, strip_prefix)
+    ckpts, weights = _prepare(files, k, fname, fit, weights, format, strip_prefix, kernel)
     state = ckpts[0].state
     spec = {key: (t.dtype, tuple(t.shape)) for key, t in state.items()}
     buf = torch.empty(max((t.numel()*t.element_size() for t in state.values()), default=0), dtype=torch.uint8)
     dst = lambda key: buf[:state[key].numel()*state[key].element_size()].view(state[key].dtype).view(state[key].shape)
-    meta = write_stream(spec, _averages(ckpts, weights, chunk, dst, progress), output, out_format, overwrite)
+    meta = write_stream(spec, _averages(ckpts, weights, chunk, dst, progress, kernel), output, out_format, overwrite)
     return dict(meta, tensors=len(spec), files=[c.file for c in ckpts])

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch
 from fastai.learner import save_model
 from fastai.optimizer import Adam
-from ckpt_avg.core import average_checkpoints, load_state
+from ckpt_avg.core import average_checkpoints, average_to_file, load_state
 from ckpt_avg.formats import read_checkpoint, write_checkpoint
 
 ROOT = Path(__file__).parents[1]
@@ -139,3 +139,40 @@ def test_peak_memory_stays_near_one_model(tmp_path):
     # straight to a file (what `ckpt_avg average` does): one buffer of the largest tensor, never the whole average
     f = net_peak(files, mode='file')
     assert f['net'] <= f['largest'] + (32<<20), f"net peak {f['net']/f['model']:.2f} x the model"
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_compiled_kernel_gives_the_same_bits(tmp_path, dtype):
+    "kernel='compiled' (torch.compile, one pass) against the numpy engine: plain and weighted, a tensor > 1 window"
+    import ckpt_avg.core as core
+    files = noisy_saves(tmp_path, dtype, n=core._CHUNK_COMPILED + 12_345)
+    try: fast = average_checkpoints(files, kernel='compiled')
+    except ValueError as e:
+        assert "kernel='numpy'" in str(e)
+        pytest.skip(f'torch.compile cannot build a CPU kernel here: {e}')
+    states = [{k: v.clone() for k, v in load_state(f).items()} for f in files]
+    ref = (sum(s['w'].double() for s in states)/len(states)).to(dtype)
+    assert torch.equal(fast['w'], ref) and torch.equal(fast['m'], average_checkpoints(files)['m']) and fast['n'].item() == 4
+    w = [1, 2, 3, 4, 6]
+    fast_w, slow_w = average_checkpoints(files, weights=w, kernel='compiled'), average_checkpoints(files, weights=w)
+    assert (fast_w['w'] != slow_w['w']).sum() <= 1  # float64 products may fuse into an FMA: at most a rare tie apart
+    out = tmp_path/'avg.safetensors'
+    average_to_file(files, out, 'safetensors', kernel='compiled')
+    assert torch.equal(load_state(out)['w'], ref)
+
+
+def test_a_kernel_that_cannot_be_built_or_named_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import ckpt_avg.core as core
+    files = noisy_saves(tmp_path, torch.float32)
+    out = tmp_path/'avg.pth'
+    with pytest.raises(ValueError, match="kernel='fast': pass 'numpy'"): average_to_file(files, out, kernel='fast')
+    def broken(*a, **kw): raise RuntimeError('InvalidCxxCompiler: No working C++ compiler found')
+    monkeypatch.setattr(core, '_COMPILED', {})
+    monkeypatch.setattr(torch, 'compile', lambda f, **kw: broken)
+    model = {'w': torch.zeros(10_000), 'm': torch.zeros(3, 7), 'n': torch.tensor(0)}
+    with pytest.raises(ValueError, match=r"kernel='compiled' needs torch.compile .*No working C\+\+ compiler.*Pass kernel='numpy'"):
+        average_checkpoints(files, kernel='compiled', into=model)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"): average_to_file(files, out, kernel='compiled')
+    from ckpt_avg.cli import main
+    assert main(['average', *map(str, files), '-o', str(out), '--kernel', 'compiled']) == 1  # the message, no traceback
+    assert not out.exists() and not list(tmp_path.glob('.*.tmp')) and all((v == 0).all() for v in model.values())
