@@ -9,7 +9,9 @@ deleted and `os.sync()` is called: without it a run paid for the writeback and t
 (on the 2-core VM a 403 MB synchronous save blocked 845 ms after another mode's run, 90 ms from a quiet disk). It prints, per size and mode, medians over the paired runs of:
 
 * blocked / memcpy: time the training thread spends inside the save call, per save, divided by the time of one copy
-  of the state into memory already allocated (on CUDA: device-to-host into pinned memory, synchronised);
+  of the state into memory already allocated (on CUDA: device-to-host into pinned memory, synchronised), taken by a
+  fifth mode, `memcpy`, at the same points of the same kind of fit (a copy timed alone, outside training, is printed
+  too: it varied 1.5x between runs);
 * lost / save: (wall time of the fit with saves - wall time of the paired fit without) / saves, also as a ratio to
   the memcpy and to our synchronous save (CRC32 off).
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 from fastai.basics import Learner, DataLoaders, set_seed, Adam
 from fastai.data.load import DataLoader
+from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback
 from ckpt_avg.save import SaveEvery
 
@@ -50,11 +53,34 @@ def timed(cls, meth):
     def before_fit(self): self.blocked = []; cls.before_fit(self)
     return type(cls.__name__+'Timed', (cls,), {meth: wrapper, 'before_fit': before_fit})
 
+def _tensors(o):
+    "Every tensor in a nested state (dicts, lists, fastcore's L)"
+    if isinstance(o, torch.Tensor): yield o
+    elif isinstance(o, dict):
+        for v in o.values(): yield from _tensors(v)
+    elif isinstance(o, (list, tuple)) or type(o).__name__ == 'L':
+        for v in o: yield from _tensors(v)
+
+class Memcpy(Callback):
+    "The yardstick, taken in the same fit as the saves: copy what a save writes into CPU buffers kept from copy to copy"
+    def __init__(self, with_opt): self.with_opt, self.bufs = with_opt, None
+    def before_fit(self): pass
+    def after_epoch(self): self._save()
+    def _save(self):
+        state = self.learn.model.state_dict()
+        if self.with_opt: state = {'model': state, 'opt': self.learn.opt.state_dict()}
+        ts = list(_tensors(state))
+        if self.bufs is None: self.bufs = [torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda) for t in ts]
+        for b, t in zip(self.bufs, ts): b.copy_(t, non_blocking=t.is_cuda)
+        if any(t.is_cuda for t in ts): torch.cuda.synchronize()
+
 FastaiSave = timed(SaveModelCallback, '_save')
 OurSave = timed(SaveEvery, '_save')
+MemcpyTimed = timed(Memcpy, '_save')
 
 def callbacks(mode, with_opt):
     if mode == 'none': return []
+    if mode == 'memcpy': return [MemcpyTimed(with_opt)]
     if mode == 'fastai': cb = FastaiSave(every_epoch=1, with_opt=with_opt)
     else: cb = OurSave(epochs=1, with_opt=with_opt, background=(mode == 'background'))
     return [cb]
@@ -102,7 +128,7 @@ def main():
     if a.threads: torch.set_num_threads(a.threads)
     cpu = torch.device(a.device).type == 'cpu'
     sizes = {'100': (1024, 24, 16 if cpu else 2048, 6 if cpu else 40), '400': (2048, 24, 16 if cpu else 2048, 4 if cpu else 20)}
-    modes = ['none', 'fastai', 'sync', 'background']
+    modes = ['none', 'memcpy', 'fastai', 'sync', 'background']
     print(f"device {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, with_opt={a.with_opt}, {a.epochs} epochs = {a.epochs-1} saves per fit, {a.reps} rotations")
     for name in a.sizes.split(','):
         size = sizes[name]
@@ -115,13 +141,14 @@ def main():
                 w, b = run(size, m, a); walls[m].append(w); blocked[m] += b
         lost = {m: [(w - w0)/(a.epochs - 1) for w, w0 in zip(walls[m], walls['none'])] for m in modes[1:]}
         med = lambda xs: statistics.median(xs)
-        print(f"\n{nbytes/1e6:.0f} MB state: memcpy {copy_s*1e3:.1f} ms; fit without saves {med(walls['none']):.2f} s "
-              f"[{min(walls['none']):.2f}-{max(walls['none']):.2f}]")
+        copy_in_fit = med(blocked['memcpy'])  # the yardstick: the same copy, at the same points of the same fits
+        print(f"\n{nbytes/1e6:.0f} MB state: memcpy in the fits {copy_in_fit*1e3:.1f} ms (alone, before them: {copy_s*1e3:.1f} ms); "
+              f"fit without saves {med(walls['none']):.2f} s [{min(walls['none']):.2f}-{max(walls['none']):.2f}]")
         print(f"{'mode':<12}{'blocked/save ms':>16}{'÷ memcpy':>10}{'lost/save ms':>14}{'÷ memcpy':>10}{'÷ our sync':>12}   lost per rotation (ms)")
         for m in modes[1:]:
             b, l = med(blocked[m]), med(lost[m])
             ratio_sync = med([x/y for x, y in zip(lost[m], lost['sync'])]) if min(lost['sync']) > 0 else float('nan')
-            print(f"{m:<12}{b*1e3:>16.1f}{b/copy_s:>10.2f}{l*1e3:>14.1f}{l/copy_s:>10.2f}{ratio_sync:>12.2f}   "
+            print(f"{m:<12}{b*1e3:>16.1f}{b/copy_in_fit:>10.2f}{l*1e3:>14.1f}{l/copy_in_fit:>10.2f}{ratio_sync:>12.2f}   "
                   + ' '.join(f'{x*1e3:.0f}' for x in lost[m]))
         best = min(('sync', 'background'), key=lambda m: med(lost[m]))
         print(f"least training time lost on {a.device}: {best} (SaveEvery's default: background)")
