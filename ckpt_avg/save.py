@@ -132,8 +132,7 @@ def _failed(self:SaveEveryNCallback, e):
 
 @patch
 def _save(self:SaveEveryNCallback, trigger:str):
-    if self.last_iter == self.train_iter: return
-    self.last_iter = self.train_iter
+    self.last_iter = self.train_iter  # after_epoch reads it: a save at an epoch's last batch is that epoch's save
     if rank_distrib() == 0:
         for step in (self._writer.wait, partial(self._write, trigger)):  # the save in flight (its error shows here), then this one
             try: step()
