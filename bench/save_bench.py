@@ -72,7 +72,7 @@ class Memcpy(Callback):
         ts = list(_tensors(state))
         if self.bufs is None: self.bufs = [torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda) for t in ts]
         for b, t in zip(self.bufs, ts): b.copy_(t, non_blocking=t.is_cuda)
-        if any(t.is_cuda for t in ts): torch.cuda.synchronize()
+        sync(self.learn.dls.device)  # the copies have landed, as `memcpy_time` waits for them
 
 FastaiSave = timed(SaveModelCallback, '_save')
 OurSave = timed(SaveEvery, '_save')
