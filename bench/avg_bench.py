@@ -13,6 +13,7 @@ ru_maxrss minus that of `import torch`), and, in this process, the average alone
 rounded mean. --cold drops the page cache before each in-process run (needs root; skipped otherwise).
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
+import numpy as np
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,9 +148,11 @@ def main():
     ap.add_argument('--runs', type=int, default=5)
     ap.add_argument('--cold', action='store_true', help='drop the page cache before each in-process run (root only)')
     ap.add_argument('--dir', type=Path, help='where to write the checkpoints (default: a temporary folder, removed at the end)')
-    ap.add_argument('--kernel', choices=['numpy', 'compiled'], default='numpy', help="the engine's kernel (see ckpt_avg.core)")
+    ap.add_argument('--kernels', default='numpy,numba', help="the engine's kernels to time side by side, comma-separated "
+                    "(auto, numpy, numba; see ckpt_avg.core)")
     ap.add_argument('--no-naive', action='store_true', help='skip the naive baseline (it needs K+1 models of memory)')
     a = ap.parse_args()
+    kernels = a.kernels.split(',')
     run = Runner()
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[a.dtype]
     folder = Path(a.dir or tempfile.mkdtemp(prefix='avg_bench_'))
@@ -160,26 +163,27 @@ def main():
         disk = sum(f.stat().st_size for f in files)
         print(f"{a.k} x {model_bytes/1e6:.0f} MB of {a.dtype} weights{' + optimizer state' if a.opt else ''} "
               f"({disk/1e9:.2f} GB on disk), written in {time.perf_counter()-t:.0f} s; torch {torch.__version__}, "
-              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, kernel {a.kernel}")
+              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, kernels {a.kernels}")
         py = sys.executable
-        cmds = dict(torch=[py, '-c', 'import torch'],
-                    ours=[py, '-m', 'ckpt_avg.cli', 'average', *map(str, files), '-o', str(folder/'ours.pth'), '-q', '--force', '--kernel', a.kernel])
+        cmds = dict(torch=[py, '-c', 'import torch'])
+        for kn in kernels:
+            cmds[f'ours-{kn}'] = [py, '-m', 'ckpt_avg.cli', 'average', *map(str, files), '-o', str(folder/f'ours-{kn}.pth'), '-q', '--force', '--kernel', kn]
         if not a.no_naive: cmds['naive'] = [py, '-c', NAIVE, *map(str, files), str(folder/'naive.pth')]
         res = {n: [] for n in cmds}
         for r in range(a.runs + 1):  # round 0 warms the page cache and is not counted
-            for n, c in cmds.items():
+            for n, c in (cmds.items() if r % 2 else reversed(cmds.items())):
                 (folder/f'{n}.pth').unlink(missing_ok=True)  # a fresh file each time, as a user would write
                 m = run(c)
                 if r: res[n].append(m)
         tt = [w for w, _ in res['torch']]
         print(f"\nwhole process, warm, median of {a.runs} alternated rounds (python -c 'import torch': {med(tt):.2f} s, "
               f"peak {med([p for _, p in res['torch']])/2**20:.0f} MiB)")
-        print(f"{'':8}{'wall s':>8}{'÷ import torch':>16}{'net peak ÷ model':>18}")
+        print(f"{'':12}{'wall s':>8}{'÷ import torch':>16}{'net peak ÷ model':>18}")
         for n in cmds:
             if n == 'torch': continue
             ratio = med([w/t for (w, _), t in zip(res[n], tt)])
             net = med([(p - pt)/model_bytes for (_, p), (_, pt) in zip(res[n], res['torch'])])
-            print(f"{n:8}{med([w for w, _ in res[n]]):8.2f}{ratio:16.2f}{net:18.2f}")
+            print(f"{n:12}{med([w for w, _ in res[n]]):8.2f}{ratio:16.2f}{net:18.2f}")
 
         # in this process: the average alone against reading the model's bytes, alternated
         from ckpt_avg.core import average_checkpoints
@@ -191,7 +195,7 @@ def main():
         import ckpt_avg.core as core
         def fp32_acc():
             core._ACC = torch.float32
-            try: return average_checkpoints(files)  # the numpy kernel: the one _ACC changes
+            try: return average_checkpoints(files, kernel='numpy')  # the numpy kernel: the one _ACC changes
             finally: core._ACC = torch.float64
         def plain_fp32():
             "The plain float32 accumulator: whole tensors, `acc += x` for each input, then `acc /= K`, on the same mapped files"
@@ -204,10 +208,19 @@ def main():
                 for s in states[1:]: acc.add_(s[key])
                 res[key] = acc.div_(len(states)).to(t.dtype)
             return res
-        ins = {n: [] for n in ('cat', 'ours', 'naive', 'fp32acc', 'plain32')}
-        for r in range(a.runs + 1):
-            for n, f in (('cat', lambda: cat_model_bytes(files)), ('ours', lambda: average_checkpoints(files, kernel=a.kernel)), ('fp32acc', fp32_acc),
-                         ('plain32', plain_fp32), ('naive', naive_avg)):
+        def fp32_acc_numba():
+            "our engine with the numba kernel's loop accumulating in float32 (bench/fused_kernel.py): not exact"
+            from fused_kernel import mean_window_f32
+            real = core._numba_window
+            core._numba_window = lambda out, scratch, ys, weights, ch: mean_window_f32(out, scratch[0].view(np.float32)[:ch], ys, float(len(ys)), ch)
+            try: return average_checkpoints(files, kernel='numba')
+            finally: core._numba_window = real
+        ours = {f'ours-{kn}': (lambda kn=kn: average_checkpoints(files, kernel=kn)) for kn in kernels}
+        yard = dict(fp32acc=fp32_acc, **({'fp32acc-numba': fp32_acc_numba} if 'numba' in kernels else {}))
+        ways = dict(cat=lambda: cat_model_bytes(files), **ours, **yard, plain32=plain_fp32, naive=naive_avg)
+        ins = {n: [] for n in ways}
+        for r in range(a.runs + 1):  # round 0 loads what each way loads (numba's kernels) and is not counted
+            for n, f in (ways.items() if r % 2 else reversed(ways.items())):
                 if n == 'naive' and a.no_naive: continue
                 if cold: drop_caches()
                 t = time.perf_counter(); x = f(); d = time.perf_counter() - t
@@ -215,13 +228,17 @@ def main():
                 del x
                 if r: ins[n].append(d)
         print(f"\nin-process, {'cold' if cold else 'warm'} (cat of the model bytes: {med(ins['cat'])*1e3:.0f} ms)")
-        print(f"price of exactness: ours ÷ a plain float32 accumulator (whole tensors, acc += x, not exact): "
-              f"{med([x/y for x, y in zip(ins['ours'], ins['plain32'])]):.2f}  ({med(ins['plain32'])*1e3:.0f} ms)")
-        print(f"                    ours ÷ our engine with a float32 accumulator (chunks, not exact): "
-              f"{med([x/y for x, y in zip(ins['ours'], ins['fp32acc'])]):.2f}  ({med(ins['fp32acc'])*1e3:.0f} ms)")
-        for n in ('ours', 'naive'):
+        print("price of exactness: each exact kernel's time ÷ that of a float32 accumulator (not exact), medians of paired ratios")
+        print(f"  {'':12}{'plain acc += x':>16}" + ''.join(f"{dict(fp32acc='numpy f32', **{'fp32acc-numba': 'numba f32'})[n]:>16}" for n in yard))
+        print(f"  {'(ms)':12}{med(ins['plain32'])*1e3:16.0f}" + ''.join(f"{med(ins[n])*1e3:16.0f}" for n in yard))
+        for n in ours:
+            print(f"  {n:12}{med([x/y for x, y in zip(ins[n], ins['plain32'])]):16.2f}"
+                  + ''.join(f"{med([x/y for x, y in zip(ins[n], ins[m])]):16.2f}" for m in yard))
+        print("  (plain: whole tensors, acc += x, acc /= K, on the same mapped files, no pages given back; engine: our streaming "
+              "engine with a float32 scratch, numpy's two passes or numba's one)")
+        for n in (*ours, 'naive'):
             if not ins[n]: continue
-            print(f"{n:8}{med(ins[n])*1e3:8.0f} ms{med([x/c for x, c in zip(ins[n], ins['cat'])]):8.2f} x cat")
+            print(f"{n:12}{med(ins[n])*1e3:8.0f} ms{med([x/c for x, c in zip(ins[n], ins['cat'])]):8.2f} x cat")
         from ckpt_avg.formats import read_checkpoint
         from fastcore.foundation import L
         meta = {'ours (read_checkpoint)': [], 'torch.load(mmap=True, weights_only=True)': []}
@@ -234,8 +251,8 @@ def main():
         print("\nper-file metadata (open a file, map its weights)")
         for n, v in meta.items(): print(f"{med(v)*1e3:8.1f} ms  {n}")
         print("\ncorrectly rounded float elements (share equal to the float64 mean rounded once to the dtype)")
-        for n in ('ours', 'naive'):
-            if n in cmds: print(f"{n:8}{100*correct_share(folder/f'{n}.pth', files, dtype):8.2f} %")
+        for n in cmds:
+            if n != 'torch': print(f"{n:12}{100*correct_share(folder/f'{n}.pth', files, dtype):8.2f} %")
     finally:
         if a.dir is None: shutil.rmtree(folder, ignore_errors=True)
 

@@ -1,41 +1,60 @@
-"""Could exact averaging cost no more than a float32 accumulator? A fused kernel compiled by `torch.compile`, measured.
+"""What the fused numba kernel buys: exact averaging at the cost of a float32 accumulator, and what loading it costs.
 
-Our engine (`ckpt_avg.core`) converts each chunk of each input to float64 in a scratch buffer, then adds: two passes
-where a float32 accumulator makes one. A single compiled loop that reads K inputs, converts, adds, divides and rounds
-once would make one pass too. torch's inductor can generate it on a CPU, if a C++ compiler is installed. This script
-measures, on K in-memory fp32 tensors in one process, side by side and alternated:
+Our engine (`ckpt_avg.core`) has two exact kernels: numpy's, which converts each chunk of each input to float64 in a
+scratch buffer and then adds (two passes), and numba's (`ckpt_avg.fused`), one compiled loop that converts, adds,
+divides and rounds once. This script measures, on K in-memory fp32 tensors in one process, side by side and
+alternated (no page faults or page releases dilute the arithmetic here; `avg_bench.py` measures real files):
 
-* the plain float32 accumulator (`acc = x0.clone(); acc += x; acc /= K`: not exact),
-* our engine (`_average_tensor`: exact),
-* the compiled fused kernel (exact: it is checked against the float64 mean),
+* plain float32: `acc = x0.clone(); acc += x; acc /= K` in torch (not exact),
+* numba float32: the numba kernel's loop with a float32 accumulator (not exact): the same technology, priced,
+* numpy kernel and numba kernel: `ckpt_avg.core._average_tensor` (exact, checked against the float64 mean),
 
-and, in two fresh processes, what the compiled kernel costs before its first result: compiling with an empty
-inductor cache (cold), then with the cache the first process filled (warm).
+and, in fresh processes, what the numba kernel costs before its first result: with an empty kernel cache (cold,
+compiling) and with the cache the first process filled (warm), each against `import torch` alone.
 
     python bench/fused_kernel.py                # 5 x 16 MB tensors (like 2048 x 2048 weights), 1 thread
-    python bench/fused_kernel.py --mb 400 --threads 2
+    python bench/fused_kernel.py --mb 100 --threads 2
 """
-import argparse, os, statistics, subprocess, sys, tempfile, time, json
-import torch
+import argparse, os, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np, torch
+import numba
 
-def mean_exact(*xs):
-    "The float64 mean of `xs` rounded once to their dtype: inductor fuses this into one loop"
-    acc = xs[0].double()
-    for x in xs[1:]: acc = acc + x.double()
-    return (acc / len(xs)).to(xs[0].dtype)
+@numba.njit(nogil=True, cache=True)
+def mean_window_f32(out, acc, xs, k, chunk):
+    "`ckpt_avg.fused.mean_window` with a float32 accumulator: the yardstick, not exact"
+    for i in range(0, out.size, chunk):
+        j = min(i + chunk, out.size)
+        a, x = acc[:j-i], xs[0][i:j]
+        for e in range(a.size): a[e] = x[e]
+        for t in range(1, len(xs)):
+            x = xs[t][i:j]
+            for e in range(a.size): a[e] += x[e]
+        o = out[i:j]
+        for e in range(a.size): o[e] = a[e] / np.float32(k)
 
 def inputs(mb, k):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(int(mb*1e6/4), generator=g)
     return [base + 1e-2*torch.randn(base.shape, generator=g) for _ in range(k)]
 
-def child(a):
-    "Compile and run once in this fresh process; print the seconds that took, as JSON"
-    torch.set_num_threads(a.threads)
-    xs = inputs(a.mb, a.k)
-    t = time.perf_counter()
-    out = torch.compile(mean_exact, dynamic=True)(*xs)
-    print(json.dumps(time.perf_counter() - t))
+FIRST = '''
+import time, numpy as np, torch
+t = time.perf_counter()
+from ckpt_avg import fused
+x = np.zeros(8, np.float32)
+fused.mean_window(x.copy(), np.zeros(8), (x,)*{k}, {k}.0, 4)
+print(time.perf_counter() - t)
+'''
+
+def first_use(k):
+    "Seconds from `import torch` done to the numba kernel's first result in a fresh process: cold cache, then warm"
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        run = lambda: float(subprocess.run([sys.executable, '-c', FIRST.format(k=k)], env=env, capture_output=True,
+                                           text=True, check=True).stdout.split()[-1])
+        return run(), statistics.median(run() for _ in range(3))
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -43,37 +62,39 @@ def main():
     p.add_argument('--k', type=int, default=5)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--reps', type=int, default=15)
-    p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.child: return child(a)
+    cold, warm = first_use(a.k)
     torch.set_num_threads(a.threads)
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
-        cmd = [sys.executable, __file__, '--child', '--mb', str(a.mb), '--k', str(a.k), '--threads', str(a.threads)]
-        first = {n: json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-                 for n in ('cold', 'warm')}
-        os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache
-        from ckpt_avg.core import _average_tensor
-        xs = inputs(a.mb, a.k)
-        fused = torch.compile(mean_exact, dynamic=True)
-        ref = (sum(x.double() for x in xs)/len(xs)).float()
-        assert torch.equal(fused(*xs), ref) and torch.equal(_average_tensor(xs, None, 1<<18), ref)
-        def plain():
-            acc = xs[0].clone()
-            for x in xs[1:]: acc.add_(x)
-            return acc.div_(len(xs))
-        ways = dict(plain=plain, ours=lambda: _average_tensor(xs, None, 1<<18), fused=lambda: fused(*xs))
-        times = {n: [] for n in ways}
-        for r in range(a.reps + 1):
-            for n, f in (ways.items() if r % 2 else reversed(ways.items())):
-                t = time.perf_counter(); f(); d = time.perf_counter() - t
-                if r: times[n].append(d)
+    import ckpt_avg.core as core
+    xs = inputs(a.mb, a.k)
+    ref = (sum(x.double() for x in xs)/len(xs)).float()
+    chunk = 1 << 18
+    for kn in ('numpy', 'numba'): assert torch.equal(core._average_tensor(xs, None, chunk, kernel=kn), ref), kn
+    def plain():
+        acc = xs[0].clone()
+        for x in xs[1:]: acc.add_(x)
+        return acc.div_(len(xs))
+    def numba_f32():
+        real = core._numba_window
+        core._numba_window = lambda out, scratch, ys, weights, ch: mean_window_f32(out, scratch[0].view(np.float32)[:ch], ys, float(len(ys)), ch)
+        try: return core._average_tensor(xs, None, chunk, kernel='numba')
+        finally: core._numba_window = real
+    ways = {'plain float32': plain, 'numba float32': numba_f32,
+            'numpy kernel': lambda: core._average_tensor(xs, None, chunk, kernel='numpy'),
+            'numba kernel': lambda: core._average_tensor(xs, None, chunk, kernel='numba')}
+    times = {n: [] for n in ways}
+    for r in range(a.reps + 1):
+        for n, f in (ways.items() if r % 2 else reversed(ways.items())):
+            t = time.perf_counter(); f(); d = time.perf_counter() - t
+            if r: times[n].append(d)
     med = statistics.median
-    print(f"{a.k} x {a.mb:g} MB fp32 in memory, torch {torch.__version__}, {a.threads} thread(s), medians of {a.reps} alternated rounds")
+    print(f"{a.k} x {a.mb:g} MB fp32 in memory, torch {torch.__version__}, numba {numba.__version__}, {a.threads} thread(s), "
+          f"medians of {a.reps} alternated rounds")
+    print(f"{'':14}{'ms':>8}{'÷ plain f32':>13}{'÷ numba f32':>13}")
     for n, v in times.items():
-        print(f"{n:6} {med(v)*1e3:8.2f} ms  ÷ plain float32 {med([x/y for x, y in zip(v, times['plain'])]):5.2f}"
-              + ('  (not exact)' if n == 'plain' else '  (exact)'))
-    print(f"compiled kernel before its first result, in a fresh process: {first['cold']:.1f} s with an empty inductor "
-          f"cache, {first['warm']:.1f} s with a warm one")
+        print(f"{n:14}{med(v)*1e3:8.2f}{med([x/y for x, y in zip(v, times['plain float32'])]):13.2f}"
+              f"{med([x/y for x, y in zip(v, times['numba float32'])]):13.2f}" + ('  (exact)' if 'kernel' in n else '  (not exact)'))
+    print(f"numba kernel before its first result in a fresh process (after import torch): {cold:.2f} s with an empty "
+          f"kernel cache (compiling), {warm:.2f} s with a warm one")
 
 if __name__ == '__main__': main()

@@ -6,7 +6,7 @@
 from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-import numpy as np, torch
+import importlib.util, sys, warnings, numpy as np, torch
 from .manifest import Manifest
 from .formats import CheckpointError, read_checkpoint, write_stream
 
@@ -70,26 +70,31 @@ def _scratch(buffers:dict, key, chunk:int):
     if key not in buffers: buffers[key] = tuple(torch.empty(chunk, dtype=key[0]).numpy() for _ in range(2))
     return buffers[key]
 
-def _average_range(srcs, flat, o, lo:int, hi:int, weights, chunk:int, scratch, release):
-    "Elements `lo:hi` of the mean of `flat` (the sources, flat) into `o`, chunk by chunk through `scratch`"
+def _numpy_window(out, scratch, xs, weights, chunk:int):
+    "`out` = the exact (weighted) mean of the flat slices `xs`, chunk by chunk: convert into float64 `scratch`, then add"
     acc, tmp = scratch
-    k = len(flat)
-    # give the inputs' pages back every few chunks: about _WINDOW bytes of inputs mapped at any time, whatever K
-    every, done = max(1, _WINDOW // (k * chunk * srcs[0].element_size())), lo
-    for c, i in enumerate(range(lo, hi, chunk)):
-        j = min(i+chunk, hi)
+    k = len(xs)
+    for i in range(0, len(out), chunk):
+        j = min(i+chunk, len(out))
         a, b = acc[:j-i], tmp[:j-i]
-        _convert(a, flat[0][i:j])
+        _convert(a, xs[0][i:j])
         if weights: np.multiply(a, weights[0], out=a)
-        for s, w in zip(flat[1:], (weights or [None]*k)[1:]):
+        for s, w in zip(xs[1:], (weights or [None]*k)[1:]):
             _convert(b, s[i:j])
             if w is not None: np.multiply(b, w, out=b)
             np.add(a, b, out=a)
         if not weights: np.divide(a, k, out=a)
-        _convert(o[i:j], a)
-        if release and ((c+1) % every == 0 or j == hi):
-            for r, s in zip(release, srcs): r(s.reshape(-1)[done:j])
-            done = j
+        _convert(out[i:j], a)
+
+def _average_range(srcs, flat, o, lo:int, hi:int, weights, chunk:int, scratch, release, window_fn=_numpy_window):
+    "Elements `lo:hi` of the mean of `flat` (the sources, flat) into `o`, a window of a few chunks at a time"
+    # give the inputs' pages back after each window: about _WINDOW bytes of inputs mapped at any time, whatever K
+    window = chunk * max(1, _WINDOW // (len(flat) * chunk * srcs[0].element_size()))
+    for i in range(lo, hi, window):
+        j = min(i+window, hi)
+        window_fn(o[i:j], scratch, tuple(s[i:j] for s in flat), weights, chunk)
+        if release:
+            for r, s in zip(release, srcs): r(s.reshape(-1)[i:j])
 
 _POOL = None
 def _pool(workers:int)->ThreadPoolExecutor:
@@ -101,56 +106,57 @@ def _average_tensor(srcs, weights, chunk:int, out=None, release=None, buffers=No
     "Exact (weighted) mean of same-shaped tensors `srcs`, in float64 chunks, in their own dtype, into `out` if given"
     if out is None: out = torch.empty(srcs[0].shape, dtype=srcs[0].dtype)
     n, buffers = out.numel(), {} if buffers is None else buffers
-    if kernel == 'compiled' and not srcs[0].is_complex() and n >= _MIN_COMPILED:
-        return _average_compiled(srcs, weights, out, release)
     acc_dtype = torch.complex128 if srcs[0].is_complex() else _ACC
     flat, o = [_flat(s) for s in srcs], _flat(out.detach())
+    window_fn = _numba_window if kernel == 'numba' and srcs[0].dtype in _BY_NUMBA and acc_dtype == torch.float64 else _numpy_window
     # torch's thread count (`torch.set_num_threads`, `--threads`) splits a large tensor into chunk-aligned parts
     w = max(1, min(torch.get_num_threads(), n // chunk))
     cuts = [n*t//w//chunk*chunk for t in range(w)] + [n]
-    part = lambda t: _average_range(srcs, flat, o, cuts[t], cuts[t+1], weights, chunk, _scratch(buffers, (acc_dtype, t), chunk), release)
+    part = lambda t: _average_range(srcs, flat, o, cuts[t], cuts[t+1], weights, chunk, _scratch(buffers, (acc_dtype, t), chunk), release, window_fn)
     if w == 1: part(0)
-    else: list(_pool(w).map(part, range(w)))  # numpy lets go of the GIL while it works; an error is raised here
+    else: list(_pool(w).map(part, range(w)))  # numpy and numba let go of the GIL while they work; an error is raised here
     return out
 
 # %% ../nbs/01_core.ipynb #4481ca94
-_COMPILED, _MIN_COMPILED, _CHUNK_COMPILED = {}, 4096, 1<<20
+_BY_NUMBA = (torch.float32, torch.float64)  # numba has no bfloat16, and no float16 arithmetic on the CPU
+_KERNELS = ('auto', 'numpy', 'numba')
+_NUMBA_PAYS = 16<<30  # bytes of float32/float64 inputs from which numba saves more (~40 ms per GB) than its loading costs (~0.45 s)
 
-def _fused_mean(k:int, weighted:bool):
-    "The one-pass exact (weighted) mean of `k` flat tensors, built by `torch.compile` once per `(k, weighted)`"
-    if (k, weighted) not in _COMPILED:
-        def mean(ws, *xs):  # ws: the weights, or [K]; a tensor, so that the division stays a division
-            acc = xs[0].double()*ws[0] if weighted else xs[0].double()
-            for i in range(1, k): acc = acc + (xs[i].double()*ws[i] if weighted else xs[i].double())
-            return (acc if weighted else acc/ws[0]).to(xs[0].dtype)
-        _COMPILED[k, weighted] = torch.compile(mean, dynamic=True)
-    return _COMPILED[k, weighted]
+def _numba_window(out, scratch, xs, weights, chunk:int):
+    "`out` = the exact (weighted) mean of the flat numpy slices `xs`, in one compiled pass (`ckpt_avg.fused`)"
+    from ckpt_avg import fused
+    if weights: fused.weighted_window(out, scratch[0], xs, np.asarray(weights, dtype=np.float64), chunk)
+    else: fused.mean_window(out, scratch[0], xs, float(len(xs)), chunk)
 
-def _kernel_weights(weights, k): return torch.tensor(weights if weights else [float(k)], dtype=torch.float64)
+def _numba_ready(ckpts, weights, chunk:int)->str|None:
+    "Load numba's kernel for each float32/float64 dtype of `ckpts`, on slices of their own arrays: `None`, or why it failed"
+    firsts = {}
+    for key, t in ckpts[0].state.items():
+        if t.dtype in _BY_NUMBA and t.numel() and t.dtype not in firsts: firsts[t.dtype] = key
+    try:
+        for key in firsts.values():
+            xs = tuple(_flat(c.state[key])[:1] for c in ckpts)
+            _numba_window(np.empty_like(xs[0]), (np.empty(chunk),), xs, weights, chunk)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [''])[0][:200]
+        return (f"kernel='numba' needs the numba package, working with this numpy, and it failed here ({type(e).__name__}: "
+                f"{why}); install it with `pip install \"ckpt_avg[numba]\"`, or pass kernel='numpy': the same result, a little slower")
 
-def _check_kernel(kernel, ckpts, weights):
-    "Refuse an unknown `kernel`; build the compiled one for every float dtype of `ckpts` now, before anything is written"
-    if kernel not in ('numpy', 'compiled'): raise ValueError(f"kernel={kernel!r}: pass 'numpy' (the default) or 'compiled'")
-    if kernel == 'numpy': return
-    k, ws = len(ckpts), _kernel_weights(weights, len(ckpts))
-    for dt in {t.dtype for t in ckpts[0].state.values() if t.is_floating_point() and t.numel() >= _MIN_COMPILED}:
-        try: _fused_mean(k, bool(weights))(ws, *[torch.zeros(_MIN_COMPILED, dtype=dt)]*k)
-        except Exception as e:
-            why = (str(e).strip().splitlines() or [''])[0][:200]
-            raise ValueError(f"kernel='compiled' needs torch.compile to build a CPU kernel, and that failed here "
-                               f"({type(e).__name__}: {why}); it needs a C++ compiler such as g++. Pass kernel='numpy' "
-                               "(the default): the same result, a little slower") from None
+def _numba_pays(ckpts)->bool:
+    "Whether loading numba pays for `ckpts`: it is loaded already, or their float32/float64 inputs are large"
+    if 'ckpt_avg.fused' in sys.modules: return True
+    if importlib.util.find_spec('numba') is None: return False
+    return sum(t.numel()*t.element_size() for t in ckpts[0].state.values() if t.dtype in _BY_NUMBA) * len(ckpts) >= _NUMBA_PAYS
 
-def _average_compiled(srcs, weights, out, release):
-    "Exact (weighted) mean of `srcs` into `out` by the compiled kernel, a window of inputs at a time"
-    f, ws = _fused_mean(len(srcs), bool(weights)), _kernel_weights(weights, len(srcs))
-    flat, o, n = [s.reshape(-1) for s in srcs], out.view(-1), out.numel()
-    for i in range(0, n, _CHUNK_COMPILED):
-        j = min(i + _CHUNK_COMPILED, n)
-        o[i:j].copy_(f(ws, *[s[i:j] for s in flat]))
-        if release:
-            for r, s in zip(release, flat): r(s[i:j])
-    return out
+def _kernel(kernel, ckpts, weights, chunk:int)->str:
+    "The kernel to use, `'numpy'` or `'numba'`, made ready before anything is written; refuse an unknown or unusable one"
+    if kernel not in _KERNELS: raise ValueError(f"kernel={kernel!r}: pass one of {', '.join(map(repr, _KERNELS))}")
+    if kernel == 'numpy' or (kernel == 'auto' and not _numba_pays(ckpts)): return 'numpy'
+    why = _numba_ready(ckpts, weights, chunk)
+    if why is None: return 'numba'
+    if kernel == 'numba': raise ValueError(why)
+    warnings.warn(f"kernel='auto' chose numba, which is installed but could not load; averaging with numpy instead. {why}")
+    return 'numpy'
 
 # %% ../nbs/01_core.ipynb #f176e7b6
 def _as_files(files, k, fname, fit):
@@ -184,15 +190,14 @@ def _progress(keys, show):
     return progress_bar(keys, leave=False)
 
 # %% ../nbs/01_core.ipynb #0015a76e
-def _prepare(files, k, fname, fit, weights, format, strip_prefix, kernel='numpy'):
+def _prepare(files, k, fname, fit, weights, format, strip_prefix, kernel='auto', chunk:int=1<<18):
     "The checkpoints to average, checked, and the normalised weights"
     if k is not None and (not isinstance(k, int) or k < 1): raise ValueError(f"k={k!r}: pass an int >= 1, or None for all")
     files = _as_files(files, k, fname, fit)
     weights = _normalised(weights, len(files))
     ckpts = [read_checkpoint(f, format, strip_prefix) for f in files]
     _check_compatible([c.state for c in ckpts], files)
-    _check_kernel(kernel, ckpts, weights)
-    return ckpts, weights
+    return ckpts, weights, _kernel(kernel, ckpts, weights, chunk)
 
 def _averages(ckpts, weights, chunk, dst=lambda key: None, progress=False, kernel='numpy'):
     "Yield (key, average) tensor by tensor, into `dst(key)` when it gives a tensor; integer tensors: the newest file's, as mapped"
@@ -217,10 +222,10 @@ def average_checkpoints(
     strip_prefix:str=None, # keep only the keys under this prefix, without it (e.g. 'model.' for Lightning)
     into:dict=None,      # a state dict to write the average into, in place (e.g. `model.state_dict()`); `None`: a new one
     progress:bool=False, # show a fastprogress bar over the tensors
-    kernel:str='numpy',  # 'compiled': a `torch.compile`d one-pass kernel (needs a C++ compiler; pays off for very large averages)
+    kernel:str='auto',   # 'numba': one compiled pass (needs numba); 'numpy': two numpy passes; 'auto': numba where it pays off. Same bits
 )->dict:
     "Exact mean (or weighted mean) of the model weights in `files`, as a new state dict on the CPU (or in `into`)"
-    ckpts, weights = _prepare(files, k, fname, fit, weights, format, strip_prefix, kernel)
+    ckpts, weights, kernel = _prepare(files, k, fname, fit, weights, format, strip_prefix, kernel, chunk)
     if into is None: return {key: t.clone() if t is ckpts[-1].state[key] else t for key, t in _averages(ckpts, weights, chunk, progress=progress, kernel=kernel)}
     _check_into(into, ckpts[0].state)
     direct = lambda key: into[key] if into[key].device.type == 'cpu' and into[key].is_contiguous() else None
@@ -243,10 +248,10 @@ def average_to_file(
     format:str=None,     # the inputs' format; `None`: detect each file's
     strip_prefix:str=None, # keep only the keys under this prefix, without it
     progress:bool=False, # show a fastprogress bar over the tensors
-    kernel:str='numpy',  # 'compiled': a `torch.compile`d one-pass kernel (needs a C++ compiler; pays off for very large averages)
+    kernel:str='auto',   # 'numba': one compiled pass (needs numba); 'numpy': two numpy passes; 'auto': numba where it pays off. Same bits
 )->dict:
     "Write the exact mean of the weights in `files` to `output`, atomically; return its size, hash and number of tensors"
-    ckpts, weights = _prepare(files, k, fname, fit, weights, format, strip_prefix, kernel)
+    ckpts, weights, kernel = _prepare(files, k, fname, fit, weights, format, strip_prefix, kernel, chunk)
     state = ckpts[0].state
     spec = {key: (t.dtype, tuple(t.shape)) for key, t in state.items()}
     buf = torch.empty(max((t.numel()*t.element_size() for t in state.values()), default=0), dtype=torch.uint8)

@@ -1,5 +1,7 @@
 "The averaging engine: exactness in every float dtype, averaging into a live model, and peak memory near one model"
-import json, os, subprocess, sys, textwrap
+import importlib.util, json, os, subprocess, sys, textwrap
+from importlib.util import find_spec
+import numpy as np
 from pathlib import Path
 import pytest, torch
 from fastai.learner import save_model
@@ -89,12 +91,13 @@ def test_average_into_a_live_model_with_optimizer_files(tmp_path):
 
 
 MEM_SCRIPT = textwrap.dedent('''
-    import json, sys, torch
+    import json, os, sys, torch
     from ckpt_avg.core import average_checkpoints
+    kernel = os.environ['KERNEL']
     def status(key): return next(int(l.split()[1])*1024 for l in open('/proc/self/status') if l.startswith(key))
     files = sys.argv[2:]
     torch.save({'w': torch.ones(1<<20), 'n': torch.tensor(1)}, files[0] + '.tiny')
-    average_checkpoints([files[0] + '.tiny']*2)  # first use of torch's kernels maps their code: not the engine's memory
+    average_checkpoints([files[0] + '.tiny']*2, kernel=kernel)  # first use of the kernels maps their code: not the engine's memory
     open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the present RSS
     before = status('VmRSS:')
     if sys.argv[1] == '0':  # to see the test fail: keep every mapped page
@@ -102,16 +105,16 @@ MEM_SCRIPT = textwrap.dedent('''
     if sys.argv[1] == 'file':
         from ckpt_avg.core import average_to_file
         from ckpt_avg.core import load_state
-        average_to_file(files, files[0] + '.avg')
+        average_to_file(files, files[0] + '.avg', kernel=kernel)
         avg = load_state(files[0])
-    else: avg = average_checkpoints(files)
+    else: avg = average_checkpoints(files, kernel=kernel)
     print(json.dumps(dict(net=status('VmHWM:') - before, model=sum(t.numel()*t.element_size() for t in avg.values()),
                           largest=max(t.numel()*t.element_size() for t in avg.values()))))
 ''')
 
 
-def net_peak(files, release=True, mode=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+def net_peak(files, release=True, mode=None, kernel='numpy'):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', KERNEL=kernel)
     r = subprocess.run([sys.executable, '-c', MEM_SCRIPT, mode or ('1' if release else '0'), *map(str, files)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -139,40 +142,71 @@ def test_peak_memory_stays_near_one_model(tmp_path):
     # straight to a file (what `ckpt_avg average` does): one buffer of the largest tensor, never the whole average
     f = net_peak(files, mode='file')
     assert f['net'] <= f['largest'] + (32<<20), f"net peak {f['net']/f['model']:.2f} x the model"
+    if find_spec('numba'):  # the numba kernel streams and gives pages back the same way
+        nb = net_peak(files, kernel='numba')
+        assert nb['net'] <= nb['model'] + (32<<20), f"numba kernel: net peak {nb['net']/nb['model']:.2f} x the model"
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
-def test_compiled_kernel_gives_the_same_bits(tmp_path, dtype):
-    "kernel='compiled' (torch.compile, one pass) against the numpy engine: plain and weighted, a tensor > 1 window"
-    import ckpt_avg.core as core
-    files = noisy_saves(tmp_path, dtype, n=core._CHUNK_COMPILED + 12_345)
-    try: fast = average_checkpoints(files, kernel='compiled')
-    except ValueError as e:
-        assert "kernel='numpy'" in str(e)
-        pytest.skip(f'torch.compile cannot build a CPU kernel here: {e}')
+def numba_or_skip():
+    try: import ckpt_avg.fused
+    except ImportError as e: pytest.skip(f'numba is not installed here ({e}); `pip install "ckpt_avg[numba]"` tests its kernel')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize('threads', [1, 2])
+def test_numba_kernel_gives_the_same_bits(tmp_path, dtype, threads, monkeypatch):
+    "kernel='numba' (one compiled pass) against the numpy kernel: plain and weighted, tensors over several windows, any threads"
+    numba_or_skip()
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: threads)
+    files = noisy_saves(tmp_path, dtype, n=3*(1<<18) + 12_345)
     states = [{k: v.clone() for k, v in load_state(f).items()} for f in files]
     ref = (sum(s['w'].double() for s in states)/len(states)).to(dtype)
-    assert torch.equal(fast['w'], ref) and torch.equal(fast['m'], average_checkpoints(files)['m']) and fast['n'].item() == 4
-    w = [1, 2, 3, 4, 6]
-    fast_w, slow_w = average_checkpoints(files, weights=w, kernel='compiled'), average_checkpoints(files, weights=w)
-    assert (fast_w['w'] != slow_w['w']).sum() <= 1  # float64 products may fuse into an FMA: at most a rare tie apart
+    w = [1, 2, 3, 0.5, 7]
+    for chunk in (1<<18, 999):  # the default, and a chunk that divides nothing
+        fast, slow = average_checkpoints(files, kernel='numba', chunk=chunk), average_checkpoints(files, kernel='numpy', chunk=chunk)
+        assert torch.equal(fast['w'], ref) and torch.equal(fast['m'], slow['m']) and fast['n'].item() == 4
+        fast_w, slow_w = average_checkpoints(files, weights=w, kernel='numba', chunk=chunk), average_checkpoints(files, weights=w, kernel='numpy', chunk=chunk)
+        assert torch.equal(fast_w['w'], slow_w['w']) and torch.equal(fast_w['m'], slow_w['m'])
     out = tmp_path/'avg.safetensors'
-    average_to_file(files, out, 'safetensors', kernel='compiled')
+    average_to_file(files, out, 'safetensors', kernel='numba')
     assert torch.equal(load_state(out)['w'], ref)
 
 
-def test_a_kernel_that_cannot_be_built_or_named_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+def test_numba_kernel_does_the_work_where_asked_and_auto_where_it_pays(tmp_path, monkeypatch):
+    numba_or_skip()
+    import ckpt_avg.core as core
+    files = noisy_saves(tmp_path, torch.float32)
+    used = []
+    real = core._numba_window
+    monkeypatch.setattr(core, '_numba_window', lambda *a: used.append(a[2][0].dtype) or real(*a))
+    average_checkpoints(files, kernel='numpy'); assert not used
+    average_checkpoints(files, kernel='numba'); assert used and set(used) == {np.dtype('float32')}
+    used.clear()
+    monkeypatch.delitem(sys.modules, 'ckpt_avg.fused')  # a fresh process: numba not loaded yet
+    average_checkpoints(files); assert not used  # 'auto' on 0.2 MB of inputs: not worth loading numba
+    monkeypatch.setattr(core, '_NUMBA_PAYS', 1)
+    average_checkpoints(files); assert used  # 'auto' on inputs large enough
+
+
+def test_a_kernel_that_cannot_load_or_is_unknown_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     import ckpt_avg.core as core
     files = noisy_saves(tmp_path, torch.float32)
     out = tmp_path/'avg.pth'
-    with pytest.raises(ValueError, match="kernel='fast': pass 'numpy'"): average_to_file(files, out, kernel='fast')
-    def broken(*a, **kw): raise RuntimeError('InvalidCxxCompiler: No working C++ compiler found')
-    monkeypatch.setattr(core, '_COMPILED', {})
-    monkeypatch.setattr(torch, 'compile', lambda f, **kw: broken)
+    with pytest.raises(ValueError, match="kernel='fast': pass one of 'auto', 'numpy', 'numba'"): average_to_file(files, out, kernel='fast')
+    import ckpt_avg
+    monkeypatch.delitem(sys.modules, 'ckpt_avg.fused', raising=False)
+    monkeypatch.delattr(ckpt_avg, 'fused', raising=False)
+    monkeypatch.setitem(sys.modules, 'numba', None)  # numba not installed (or failing to import)
     model = {'w': torch.zeros(10_000), 'm': torch.zeros(3, 7), 'n': torch.tensor(0)}
-    with pytest.raises(ValueError, match=r"kernel='compiled' needs torch.compile .*No working C\+\+ compiler.*Pass kernel='numpy'"):
-        average_checkpoints(files, kernel='compiled', into=model)
-    with pytest.raises(ValueError, match="C\\+\\+ compiler"): average_to_file(files, out, kernel='compiled')
+    with pytest.raises(ValueError, match=r"kernel='numba' needs the numba package.*pip install \"ckpt_avg\[numba\]\".*kernel='numpy'"):
+        average_checkpoints(files, kernel='numba', into=model)
+    with pytest.raises(ValueError, match="kernel='numba' needs"): average_to_file(files, out, kernel='numba')
     from ckpt_avg.cli import main
-    assert main(['average', *map(str, files), '-o', str(out), '--kernel', 'compiled']) == 1  # the message, no traceback
+    assert main(['average', *map(str, files), '-o', str(out), '--kernel', 'numba']) == 1  # the message, no traceback
     assert not out.exists() and not list(tmp_path.glob('.*.tmp')) and all((v == 0).all() for v in model.values())
+    # 'auto' where numba would pay but cannot load: a warning, and numpy does the work
+    monkeypatch.setattr(core, '_NUMBA_PAYS', 1)
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: object() if name == 'numba' else find_spec(name, *a))
+    with pytest.warns(UserWarning, match="kernel='auto' chose numba, which is installed but could not load; averaging with numpy"):
+        avg = average_checkpoints(files)
+    assert torch.equal(avg['w'], average_checkpoints(files, kernel='numpy')['w'])

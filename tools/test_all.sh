@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The project's one test command: README names it and .ci/run runs exactly it.
-#   1. .venv-test: `pip install -e ".[dev]"` (nbdev 2, fastcore<2 and the fastai that goes with them)
+#   1. .venv-test: `pip install -e ".[dev]"` (nbdev 2, fastcore<2 and the fastai that goes with them; numba, for its kernel)
 #   2. the exported modules (ckpt_avg/, pyproject.toml) and README.md match the notebooks
 #   3. the notebooks' tests (nbdev_test; cells flagged `#| notest` are skipped)
 #   4. pytest tests/
-#   5. .venv-newest: `pip install -e . pytest safetensors accelerate` (the newest fastai and fastcore, no nbdev), pytest tests/ again
+#   5. .venv-newest: `pip install -e . pytest safetensors accelerate` (the newest fastai and fastcore, no nbdev, no numba:
+#      what a plain install gets, so the numpy kernel does every average there), pytest tests/ again
 # A venv is reused while settings.ini and setup.py are unchanged since it was built (a clean clone, as in CI,
 # builds both afresh); FRESH=1 rebuilds them anyway.
 set -euo pipefail
