@@ -14,6 +14,7 @@ rounded mean. --cold drops the page cache before each in-process run (needs root
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
 import numpy as np
+from importlib.util import find_spec
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,8 +149,9 @@ def main():
     ap.add_argument('--runs', type=int, default=5)
     ap.add_argument('--cold', action='store_true', help='drop the page cache before each in-process run (root only)')
     ap.add_argument('--dir', type=Path, help='where to write the checkpoints (default: a temporary folder, removed at the end)')
-    ap.add_argument('--kernels', default='numpy,numba', help="the engine's kernels to time side by side, comma-separated "
-                    "(auto, numpy, numba; see ckpt_avg.core)")
+    ap.add_argument('--kernels', default='numpy,numba' if find_spec('numba') else 'numpy',
+                    help="the engine's kernels to time side by side, comma-separated (auto, numpy, numba; see ckpt_avg.core; "
+                         "default: numpy, and numba where it is installed)")
     ap.add_argument('--no-naive', action='store_true', help='skip the naive baseline (it needs K+1 models of memory)')
     a = ap.parse_args()
     kernels = a.kernels.split(',')
