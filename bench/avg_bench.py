@@ -212,9 +212,9 @@ def main():
             return res
         def fp32_acc_numba():
             "our engine with the numba kernel's loop accumulating in float32 (bench/fused_kernel.py): not exact"
-            from fused_kernel import mean_window_f32
+            from fused_kernel import numba_f32_window
             real = core._numba_window
-            core._numba_window = lambda out, scratch, ys, weights, ch: mean_window_f32(out, scratch[0].view(np.float32)[:ch], ys, float(len(ys)), ch)
+            core._numba_window = numba_f32_window
             try: return average_checkpoints(files, kernel='numba')
             finally: core._numba_window = real
         ours = {f'ours-{kn}': (lambda kn=kn: average_checkpoints(files, kernel=kn)) for kn in kernels}

@@ -20,19 +20,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np, torch
 import numba
+from ckpt_avg import fused
 
-@numba.njit(nogil=True, cache=True)
-def mean_window_f32(out, acc, xs, k, chunk):
-    "`ckpt_avg.fused.mean_window` with a float32 accumulator: the yardstick, not exact"
-    for i in range(0, out.size, chunk):
-        j = min(i + chunk, out.size)
-        a, x = acc[:j-i], xs[0][i:j]
-        for e in range(a.size): a[e] = x[e]
-        for t in range(1, len(xs)):
-            x = xs[t][i:j]
-            for e in range(a.size): a[e] += x[e]
-        o = out[i:j]
-        for e in range(a.size): o[e] = a[e] / np.float32(k)
+def numba_f32_window(out, scratch, xs, weights, chunk):
+    "A stand-in for `ckpt_avg.core._numba_window` accumulating in float32 (not exact): the same numba loop, given float32 `acc`, `ws` and `k`"
+    ws, k = (np.asarray(weights, np.float32), np.float32(1)) if weights else (np.ones(len(xs), np.float32), np.float32(len(xs)))
+    fused.mean_window(out, scratch[0].view(np.float32)[:chunk], xs, ws, k, chunk)
 
 def inputs(mb, k):
     g = torch.Generator().manual_seed(0)
@@ -44,7 +37,7 @@ import time, numpy as np, torch
 t = time.perf_counter()
 from ckpt_avg import fused
 x = np.zeros(8, np.float32)
-fused.mean_window(x.copy(), np.zeros(8), (x,)*{k}, {k}.0, 4)
+fused.mean_window(x.copy(), np.zeros(8), (x,)*{k}, np.ones({k}), {k}.0, 4)
 print(time.perf_counter() - t)
 '''
 
@@ -76,7 +69,7 @@ def main():
         return acc.div_(len(xs))
     def numba_f32():
         real = core._numba_window
-        core._numba_window = lambda out, scratch, ys, weights, ch: mean_window_f32(out, scratch[0].view(np.float32)[:ch], ys, float(len(ys)), ch)
+        core._numba_window = numba_f32_window
         try: return core._average_tensor(xs, None, chunk, kernel='numba')
         finally: core._numba_window = real
     ways = {'plain float32': plain, 'numba float32': numba_f32,

@@ -125,8 +125,8 @@ _NUMBA_PAYS = 16<<30  # bytes of float32/float64 inputs from which numba saves m
 def _numba_window(out, scratch, xs, weights, chunk:int):
     "`out` = the exact (weighted) mean of the flat numpy slices `xs`, in one compiled pass (`ckpt_avg.fused`)"
     from ckpt_avg import fused
-    if weights: fused.weighted_window(out, scratch[0], xs, np.asarray(weights, dtype=np.float64), chunk)
-    else: fused.mean_window(out, scratch[0], xs, float(len(xs)), chunk)
+    ws, k = (np.asarray(weights, dtype=np.float64), 1.0) if weights else (np.ones(len(xs)), float(len(xs)))
+    fused.mean_window(out, scratch[0], xs, ws, k, chunk)
 
 def _numba_ready(ckpts, weights, chunk:int)->str|None:
     "Load numba's kernel for each float32/float64 dtype of `ckpts`, on slices of their own arrays: `None`, or why it failed"

@@ -210,3 +210,21 @@ def test_a_kernel_that_cannot_load_or_is_unknown_is_refused_before_anything_is_w
     with pytest.warns(UserWarning, match="kernel='auto' chose numba, which is installed but could not load; averaging with numpy"):
         avg = average_checkpoints(files)
     assert torch.equal(avg['w'], average_checkpoints(files, kernel='numpy')['w'])
+
+
+def test_numba_kernel_compiles_without_a_cache_folder(monkeypatch):
+    "Where numba finds no writable folder for its disk cache (cache=True raises), the kernel is compiled in the process"
+    numba_or_skip()
+    import numba
+    from ckpt_avg import fused
+    real = numba.njit
+    def njit(*a, **kw):
+        if kw.get('cache'): raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
+        return real(*a, **kw)
+    monkeypatch.setattr(numba, 'njit', njit)
+    kernel = fused._jit(fused.mean_window.py_func)
+    xs = tuple(np.array([1, 2, 2**24], np.float32) + i for i in range(3))
+    out = np.empty(3, np.float32)
+    kernel(out, np.empty(3), xs, np.ones(3), 3.0, 2)
+    assert np.array_equal(out, (sum(x.astype(np.float64) for x in xs)/3).astype(np.float32))
+    assert not kernel._cache_hits and type(kernel._cache).__name__ == 'NullCache'
