@@ -141,7 +141,7 @@ def _add_average(sub):
     p.add_argument('--threads', type=_whole, metavar='N', help="torch's intra-op threads (default: torch's own choice); "
                    "pass 1 on a machine whose cores are busy with other work, where more threads wait on each other")
     p.add_argument('--kernel', choices=('auto', 'numpy', 'numba'), default='auto',
-                   help="'numba': one compiled pass, as fast as a float32 accumulator (needs numba; ~0.5 s to load); 'numpy': "
+                   help="'numba': one compiled pass, within ~10%% of a float32 accumulator's time (needs numba; ~0.5 s to load); 'numpy': "
                         "two passes, nothing to load; 'auto': numba if installed and the inputs are large enough to pay for "
                         "loading it. The same result every way (default: %(default)s)")
     p.add_argument('-q', '--quiet', action='store_true', help='print nothing but errors, no progress bar')
