@@ -25,7 +25,9 @@ from ckpt_avg import fused
 def numba_f32_window(out, scratch, xs, weights, chunk):
     "A stand-in for `ckpt_avg.core._numba_window` accumulating in float32 (not exact): the same numba loop, given float32 `acc`, `ws` and `k`"
     ws, k = (np.asarray(weights, np.float32), np.float32(1)) if weights else (np.ones(len(xs), np.float32), np.float32(len(xs)))
-    fused.mean_window(out, scratch[0].view(np.float32)[:chunk], xs, ws, k, chunk)
+    acc = scratch[0].view(np.float32)[:chunk]
+    if out.dtype == np.uint16: fused.mean_window_bf16(out, acc, scratch[1].view(np.uint32), xs, ws, k, chunk)  # bfloat16 bits
+    else: fused.mean_window(out, acc, xs, ws, k, chunk)
 
 def inputs(mb, k):
     g = torch.Generator().manual_seed(0)

@@ -107,8 +107,9 @@ def _average_tensor(srcs, weights, chunk:int, out=None, release=None, buffers=No
     if out is None: out = torch.empty(srcs[0].shape, dtype=srcs[0].dtype)
     n, buffers = out.numel(), {} if buffers is None else buffers
     acc_dtype = torch.complex128 if srcs[0].is_complex() else _ACC
-    flat, o = [_flat(s) for s in srcs], _flat(out.detach())
     window_fn = _numba_window if kernel == 'numba' and srcs[0].dtype in _BY_NUMBA and acc_dtype == torch.float64 else _numpy_window
+    as_array = _numba_array if window_fn is _numba_window else _flat
+    flat, o = [as_array(s) for s in srcs], as_array(out.detach())
     # torch's thread count (`torch.set_num_threads`, `--threads`) splits a large tensor into chunk-aligned parts
     w = max(1, min(torch.get_num_threads(), n // chunk))
     cuts = [n*t//w//chunk*chunk for t in range(w)] + [n]
@@ -118,32 +119,38 @@ def _average_tensor(srcs, weights, chunk:int, out=None, release=None, buffers=No
     return out
 
 # %% ../nbs/01_core.ipynb #4481ca94
-_BY_NUMBA = (torch.float32, torch.float64)  # numba has no bfloat16, and no float16 arithmetic on the CPU
+_BY_NUMBA = (torch.float32, torch.float64, torch.bfloat16)  # bfloat16 as its bits; numba has no float16 arithmetic on the CPU
 _KERNELS = ('auto', 'numpy', 'numba')
-_NUMBA_PAYS = 16<<30  # bytes of float32/float64 inputs from which numba saves more (~40 ms per GB) than its loading costs (~0.45 s)
+_NUMBA_PAYS = 16<<30  # bytes of float32/float64/bfloat16 inputs from which numba saves more (~40 ms per GB) than its loading costs (~0.45 s)
+
+def _numba_array(t):
+    "`t` as a flat numpy array for the numba kernel: a view of its float32/float64 values, or of a bfloat16's bits"
+    t = t.reshape(-1)
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 def _numba_window(out, scratch, xs, weights, chunk:int):
     "`out` = the exact (weighted) mean of the flat numpy slices `xs`, in one compiled pass (`ckpt_avg.fused`)"
     from ckpt_avg import fused
     ws, k = (np.asarray(weights, dtype=np.float64), 1.0) if weights else (np.ones(len(xs)), float(len(xs)))
-    fused.mean_window(out, scratch[0], xs, ws, k, chunk)
+    if out.dtype == np.uint16: fused.mean_window_bf16(out, scratch[0], scratch[1].view(np.uint32), xs, ws, k, chunk)
+    else: fused.mean_window(out, scratch[0], xs, ws, k, chunk)
 
 def _numba_ready(ckpts, weights, chunk:int)->str|None:
-    "Load numba's kernel for each float32/float64 dtype of `ckpts`, on slices of their own arrays: `None`, or why it failed"
+    "Load numba's kernel for each dtype of `ckpts` it handles, on slices of their own arrays: `None`, or why it failed"
     firsts = {}
     for key, t in ckpts[0].state.items():
         if t.dtype in _BY_NUMBA and t.numel() and t.dtype not in firsts: firsts[t.dtype] = key
     try:
         for key in firsts.values():
-            xs = tuple(_flat(c.state[key])[:1] for c in ckpts)
-            _numba_window(np.empty_like(xs[0]), (np.empty(chunk),), xs, weights, chunk)
+            xs = tuple(_numba_array(c.state[key])[:1] for c in ckpts)
+            _numba_window(np.empty_like(xs[0]), (np.empty(chunk), np.empty(chunk)), xs, weights, chunk)
     except Exception as e:
         why = (str(e).strip().splitlines() or [''])[0][:200]
         return (f"kernel='numba' needs the numba package, working with this numpy, and it failed here ({type(e).__name__}: "
                 f"{why}); install it with `pip install \"ckpt_avg[numba]\"`, or pass kernel='numpy': the same result, a little slower")
 
 def _numba_pays(ckpts)->bool:
-    "Whether loading numba pays for `ckpts`: it is loaded already, or their float32/float64 inputs are large"
+    "Whether loading numba pays for `ckpts`: it is loaded already, or the inputs it would average are large"
     if 'ckpt_avg.fused' in sys.modules: return True
     if importlib.util.find_spec('numba') is None: return False
     return sum(t.numel()*t.element_size() for t in ckpts[0].state.values() if t.dtype in _BY_NUMBA) * len(ckpts) >= _NUMBA_PAYS

@@ -228,3 +228,31 @@ def test_numba_kernel_compiles_without_a_cache_folder(monkeypatch):
     kernel(out, np.empty(3), xs, np.ones(3), 3.0, 2)
     assert np.array_equal(out, (sum(x.astype(np.float64) for x in xs)/3).astype(np.float32))
     assert not kernel._cache_hits and type(kernel._cache).__name__ == 'NullCache'
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_numba_kernel_matches_on_special_values_and_double_rounding_ties(tmp_path, dtype):
+    """inf, -inf, NaN (either sign), -0, subnormals, the largest values, and bfloat16's float64 -> float32 -> bfloat16 tie:
+    the same bits, but for NaN's payload (torch itself writes a bfloat16 NaN as 0x7FC0 or 0xFFFF, by position)"""
+    numba_or_skip()
+    f32 = torch.finfo(torch.float32)
+    special = [float('inf'), float('-inf'), float('nan'), -float('nan'), -0.0, 1e-40, -1e-45, f32.max, -f32.max, 1.0]
+    cols = [special, [1.0]*10, [2.0]*10, [0.0, 0.0, 0.0, 0.0, -0.0, 1e-40, -1e-45, f32.max, -f32.max, 2**-38]]
+    g = torch.Generator().manual_seed(0)
+    files = []
+    for i, c in enumerate(cols):  # K = 4; element 9 of the mean: (1 + 1 + 2 + 2^-38)/4, and random scales after
+        x = torch.cat([torch.tensor(c), torch.randn(5000, generator=g) * 10.0**torch.randint(-30, 30, (5000,), generator=g)])
+        f = tmp_path/f's{i}.pth'
+        torch.save({'w': x.to(dtype)}, f)
+        files.append(f)
+    tie = torch.tensor([4.0, 2**-6, 2**-38, 0.0])  # mean 1 + 2^-8 + 2^-40: a bfloat16 tie once rounded to float32
+    for i, f in enumerate(files):
+        sd = torch.load(f); sd['tie'] = tie[i:i+1].to(dtype).repeat(3); torch.save(sd, f)
+    for w in (None, [1, 2, 3, 0.5]):
+        fast, slow = average_checkpoints(files, weights=w, kernel='numba'), average_checkpoints(files, weights=w, kernel='numpy')
+        for key in ('w', 'tie'):
+            nan = slow[key].isnan()
+            assert torch.equal(fast[key].isnan(), nan) and nan[:4].tolist() == ([False, False, True, True] if key == 'w' else [False]*3)
+            bits = lambda t: t[~nan].view(torch.int16 if t.element_size() == 2 else torch.int32)
+            assert torch.equal(bits(fast[key]), bits(slow[key])), (key, w, (bits(fast[key]) != bits(slow[key])).nonzero()[:5])
+    assert average_checkpoints(files, kernel='numba')['tie'][0].item() == (1.0 if dtype == torch.bfloat16 else float(torch.tensor(1 + 2**-8 + 2**-40).float()))
