@@ -5,32 +5,18 @@ import pytest, torch
 from fastai.callback.core import Callback
 import fastai.callback.schedule  # patches Learner.fine_tune and fit_one_cycle
 from fastai.layers import ConvLayer
-from ckpt_avg.save import SaveEvery, SaveEveryNCallback
+from ckpt_avg.save import SaveEvery
 from ckpt_avg.average import AverageLast
 from ckpt_avg.core import average_checkpoints, CheckpointError
 from ckpt_avg.manifest import Manifest, file_hash
 from ckpt_avg.demo import digits_learner
-from helpers import fit, state, states_equal, mean_of, folder
+from helpers import Capture, fit, state, states_equal, mean_of, folder
 
 
 def make_learner(path, **kw):
     learn = digits_learner(path=path, **kw)
     return learn
 
-
-class Capture(Callback):
-    "Record the model state, iteration and clock each time a SaveEvery of fname 'ckpt' has just taken a save"
-    order = SaveEveryNCallback.order + 0.5
-    def before_fit(self):
-        self.saver = next(cb for cb in self.learn.cbs if isinstance(cb, SaveEveryNCallback))
-        self.states, self.iters, self.times, self.last = [], [], [], None
-    def _grab(self):
-        # a new entry: the saver took the state at this step (written now, or in the background while training goes on)
-        if self.saver._entry is not None and self.saver._entry is not self.last:
-            self.last = self.saver._entry
-            self.states.append(state(self.model)); self.iters.append(self.train_iter); self.times.append(time.monotonic())
-    def after_batch(self): self._grab()
-    def after_epoch(self): self._grab()
 
 class SlowBatches(Callback):
     "Make every training batch take at least `secs` of wall time (real time, no mocked clock)"

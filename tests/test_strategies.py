@@ -2,29 +2,15 @@
 from pathlib import Path
 import pytest, torch
 from torch import nn
-from fastai.callback.core import Callback
 from fastai.data.core import DataLoader
-from ckpt_avg.save import SaveEvery, SaveEveryNCallback
+from ckpt_avg.save import SaveEvery
 from ckpt_avg.average import AverageLast
 from ckpt_avg.core import average_checkpoints
 from ckpt_avg.manifest import Manifest
 from ckpt_avg.strategies import select_checkpoints, greedy_soup
 from ckpt_avg.demo import digits_learner
-from helpers import fit, state, states_equal, folder
+from helpers import Capture, fit, state, states_equal, folder
 
-
-class Capture(Callback):
-    "The model's state each time the SaveEvery has just taken a save (written now or in the background), and at the end of the fit"
-    order = SaveEveryNCallback.order + 0.5
-    def before_fit(self):
-        self.saver = next(cb for cb in self.learn.cbs if isinstance(cb, SaveEveryNCallback))
-        self.states, self.last = [], None
-    def _grab(self):
-        e = self.saver._entry
-        if e is not None and e is not self.last: self.last = e; self.states.append(state(self.model))
-    def after_batch(self): self._grab()
-    def after_epoch(self): self._grab()
-    def after_fit(self): self.final = state(self.model)
 
 def weighted_mean(states, w):
     w = [x/sum(w) for x in w]
