@@ -20,14 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np, torch
 import numba
-from ckpt_avg import fused
+from ckpt_avg.core import _numba_window as real_numba_window
 
-def numba_f32_window(out, scratch, xs, weights, chunk):
-    "A stand-in for `ckpt_avg.core._numba_window` accumulating in float32 (not exact): the same numba loop, given float32 `acc`, `ws` and `k`"
-    ws, k = (np.asarray(weights, np.float32), np.float32(1)) if weights else (np.ones(len(xs), np.float32), np.float32(len(xs)))
-    acc = scratch[0].view(np.float32)[:chunk]
-    if out.dtype == np.uint16: fused.mean_window_bf16(out, acc, scratch[1].view(np.uint32), xs, ws, k, chunk)  # bfloat16 bits
-    else: fused.mean_window(out, acc, xs, ws, k, chunk)
+def numba_f32_window(weights, k, dtype=None):
+    "A stand-in for `ckpt_avg.core._numba_window` accumulating in float32 (not exact): the same numba loop, in float32"
+    return real_numba_window(weights, k, np.float32)
 
 def inputs(mb, k):
     g = torch.Generator().manual_seed(0)
@@ -70,10 +67,9 @@ def main():
         for x in xs[1:]: acc.add_(x)
         return acc.div_(len(xs))
     def numba_f32():
-        real = core._numba_window
         core._numba_window = numba_f32_window
         try: return core._average_tensor(xs, None, chunk, kernel='numba')
-        finally: core._numba_window = real
+        finally: core._numba_window = real_numba_window
     ways = {'plain float32': plain, 'numba float32': numba_f32,
             'numpy kernel': lambda: core._average_tensor(xs, None, chunk, kernel='numpy'),
             'numba kernel': lambda: core._average_tensor(xs, None, chunk, kernel='numba')}

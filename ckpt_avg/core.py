@@ -107,8 +107,9 @@ def _average_tensor(srcs, weights, chunk:int, out=None, release=None, buffers=No
     if out is None: out = torch.empty(srcs[0].shape, dtype=srcs[0].dtype)
     n, buffers = out.numel(), {} if buffers is None else buffers
     acc_dtype = torch.complex128 if srcs[0].is_complex() else _ACC
-    window_fn = _numba_window if kernel == 'numba' and srcs[0].dtype in _BY_NUMBA and acc_dtype == torch.float64 else _numpy_window
-    as_array = _numba_array if window_fn is _numba_window else _flat
+    numba = kernel == 'numba' and srcs[0].dtype in _BY_NUMBA and acc_dtype == torch.float64
+    window_fn = _numba_window(weights, len(srcs)) if numba else _numpy_window
+    as_array = _numba_array if numba else _flat
     flat, o = [as_array(s) for s in srcs], as_array(out.detach())
     # torch's thread count (`torch.set_num_threads`, `--threads`) splits a large tensor into chunk-aligned parts
     w = max(1, min(torch.get_num_threads(), n // chunk))
@@ -128,12 +129,15 @@ def _numba_array(t):
     t = t.reshape(-1)
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
-def _numba_window(out, scratch, xs, weights, chunk:int):
-    "`out` = the exact (weighted) mean of the flat numpy slices `xs`, in one compiled pass (`ckpt_avg.fused`)"
+def _numba_window(weights, k:int, dtype=np.float64):
+    "A window function like `_numpy_window` running `ckpt_avg.fused`'s one pass, its weights bound once; sums in `dtype`"
     from ckpt_avg import fused
-    ws, k = (np.asarray(weights, dtype=np.float64), 1.0) if weights else (np.ones(len(xs)), float(len(xs)))
-    if out.dtype == np.uint16: fused.mean_window_bf16(out, scratch[0], scratch[1].view(np.uint32), xs, ws, k, chunk)
-    else: fused.mean_window(out, scratch[0], xs, ws, k, chunk)
+    ws, div = (np.asarray(weights, dtype=dtype), dtype(1)) if weights else (np.ones(k, dtype=dtype), dtype(k))
+    def window(out, scratch, xs, weights, chunk:int):  # `weights`: bound above
+        acc = scratch[0].view(dtype)[:chunk]
+        if out.dtype == np.uint16: fused.mean_window_bf16(out, acc, scratch[1].view(np.uint32), xs, ws, div, chunk)  # bfloat16 bits
+        else: fused.mean_window(out, acc, xs, ws, div, chunk)
+    return window
 
 def _numba_ready(ckpts, weights, chunk:int)->str|None:
     "Load numba's kernel for each dtype of `ckpts` it handles, on slices of their own arrays: `None`, or why it failed"
@@ -143,7 +147,7 @@ def _numba_ready(ckpts, weights, chunk:int)->str|None:
     try:
         for key in firsts.values():
             xs = tuple(_numba_array(c.state[key])[:1] for c in ckpts)
-            _numba_window(np.empty_like(xs[0]), (np.empty(chunk), np.empty(chunk)), xs, weights, chunk)
+            _numba_window(weights, len(ckpts))(np.empty_like(xs[0]), (np.empty(chunk), np.empty(chunk)), xs, weights, chunk)
     except Exception as e:
         why = (str(e).strip().splitlines() or [''])[0][:200]
         return (f"kernel='numba' needs the numba package, working with this numpy, and it failed here ({type(e).__name__}: "
