@@ -4,7 +4,7 @@
 #   2. the exported modules (ckpt_avg/, pyproject.toml) and README.md match the notebooks
 #   3. the notebooks' tests (nbdev_test; cells flagged `#| notest` are skipped)
 #   4. pytest tests/
-#   5. .venv-newest: `pip install -e . pytest safetensors accelerate` (the newest fastai and fastcore, no nbdev, no numba:
+#   5. .venv-newest: `pip install -e . pytest safetensors accelerate nbclient ipykernel` (the newest fastai and fastcore, no nbdev, no numba:
 #      what a plain install gets, so the numpy kernel does every average there), pytest tests/ again
 # A venv is reused while settings.ini and setup.py are unchanged since it was built (a clean clone, as in CI,
 # builds both afresh); FRESH=1 rebuilds them anyway.
@@ -78,7 +78,7 @@ section "pytest tests/ with the dev venv"
 run_pytest .venv-test
 
 section "newest fastai without nbdev: .venv-newest"
-make_venv .venv-newest -e . pytest safetensors accelerate
+make_venv .venv-newest -e . pytest safetensors accelerate nbclient ipykernel
 
 section "pytest tests/ with the newest fastai"
 run_pytest .venv-newest
