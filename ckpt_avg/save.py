@@ -17,7 +17,7 @@ from .writer import Snapshot, BackgroundWriter, save_no_crc
 from .distrib import rank0_decides
 
 # %% auto #0
-__all__ = ['training_fit', 'TrainingFitCallback', 'SaveEvery', 'SaveEveryNCallback']
+__all__ = ['SaveEvery', 'training_fit', 'TrainingFitCallback', 'SaveEveryNCallback']
 
 # %% ../nbs/02_save.ipynb #6633fa9e
 def _positive(name, v, typ, none='to turn this trigger off'):
