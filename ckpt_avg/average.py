@@ -210,7 +210,7 @@ def _final_is(self:AverageCheckpointsCallback)->str:
     smc = [cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback)]
     if smc:
         self.final_label = f"{type(smc[0]).__name__}'s best"
-        return f"{type(smc[0]).__name__}'s best ({smc[0].monitor} {float(smc[0].best):.4g}), which it loaded when the fit ended"
+        return f"{type(smc[0]).__name__}'s best, {smc[0].monitor} {float(smc[0].best):.4g}, loaded by it when the fit ended"
     self.final_label = "reloaded by a callback"
     return "not the last trained weights: a callback that runs before AverageLast loaded others when the fit ended"
 
@@ -287,7 +287,7 @@ def after_fit(self:AverageCheckpointsCallback):
     saved = f"; saved as {self.saved_path}" if self.saved_path else ""
     if self.report and self.valid is None: saved += f"; no report ({self._no_report})"
     if "fastai's rule" in self.direction and (self.strategy in _NEEDS_METRIC + ('soup',)): saved += f"; {self.monitor}: {self.direction}"
-    final_is = f" (the final weights are {self.final_is})" if self.final_is and self.holds == 'final' else ''
+    final_is = f" ({self.final_is})" if self.final_is and self.holds == 'final' else ''
     self._say(f"AverageLast: averaged {what} of {where} ({_spans(entries)}){saved}. learn.model holds the {self.holds} "
               f"weights{final_is}: {self.reason}")
 

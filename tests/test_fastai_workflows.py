@@ -201,6 +201,15 @@ def test_end_with_better_knows_rmse_and_mae_are_lower_is_better(tmp_path, monito
     assert 'lower is better' in avg.reason
 
 
+def test_a_metric_name_it_does_not_know_follows_fastais_rule_and_says_so(tmp_path):
+    def agreement(inp, targ): return accuracy(inp, targ)
+    learn = digits_learner(path=tmp_path, metrics=[accuracy, agreement])
+    avg = AverageLast(2, end_with='better', monitor='agreement')
+    fit(learn, 2, [SaveEvery(epochs=1), avg])
+    assert avg.lower is False and "by fastai's rule for a name ckpt_avg does not know" in avg.reason and 'lower_is_better=True' in avg.reason
+    assert AverageLast(2, monitor='agreement', lower_is_better=True).lower is True
+
+
 # 5. Alongside fastai's callbacks
 class SpoilLastEpoch(Callback):
     "Scramble the last layer at the end of the last epoch's training: SaveModelCallback's best is then an earlier epoch"
@@ -214,7 +223,7 @@ def test_save_model_callback_reload_is_named_in_the_report(tmp_path, capsys):
     fit(learn, 4, [SaveEvery(epochs=1), SaveModelCallback(fname='best'), avg, SpoilLastEpoch()], quiet=False)
     out = capsys.readouterr().out
     assert "SaveModelCallback's best" in avg.table.index[0] and 'SaveModelCallback' in avg.final_is
-    assert "the final weights are SaveModelCallback's best" in out
+    assert "learn.model holds the final weights (SaveModelCallback's best, valid_loss" in out
     best = state(learn.model)
     learn.load('best')
     assert states_equal(state(learn.model), best)
