@@ -5,6 +5,7 @@
 # %% ../nbs/03_average.ipynb #7189b06a
 from __future__ import annotations
 import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch
 from fastcore.basics import store_attr, patch, noop
@@ -12,12 +13,14 @@ from fastcore.foundation import L
 try: from fastcore.imports import IN_NOTEBOOK
 except ImportError: IN_NOTEBOOK = False
 from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.tracker import SaveModelCallback
 from fastai.torch_core import rank_distrib, get_model
 from .manifest import Manifest, atomic_write, _now
 from .core import average_checkpoints
-from .save import SaveEveryNCallback, _savers
+from .save import SaveEveryNCallback, TrainingFitCallback, training_fit, _savers
 from .strategies import check_strategy, select_checkpoints, greedy_soup, recompute_bn, _NEEDS_METRIC
-from .strategies import lower_is_better as _lower_is_better
+from .strategies import _direction
 from .distrib import share_average, is_distributed
 from .writer import save_no_crc
 
@@ -27,10 +30,11 @@ __all__ = ['AverageLast', 'AverageCheckpointsCallback']
 # %% ../nbs/03_average.ipynb #7647fa27
 _END_WITH = ('average', 'better', 'final')
 
-class AverageCheckpointsCallback(Callback):
+class AverageCheckpointsCallback(TrainingFitCallback):
     "After the fit, average checkpoints of `fname`, report final vs average on `dls.valid`, and end with the weights asked for"
-    order = SaveEveryNCallback.order+1
+    order = SaveEveryNCallback.order+1  # after SaveModelCallback (61) reloads its best, before EarlyStopping (63) may stop the fit
     run_after = SaveEveryNCallback
+    _stateattrs = ('saver', 'soup', 'valid', '_autocast', '_trained', '_fitted')  # links to this fit's data and state: not for `learn.export`
     def __init__(self,
         k:int=5,                           # how many checkpoints to average (the latest, unless `strategy` says otherwise)
         fname:str='ckpt',                  # the `fname` of the `SaveEvery` whose checkpoints to average
@@ -47,6 +51,7 @@ class AverageCheckpointsCallback(Callback):
         scope:str='fit',                   # 'fit': saves of this fit only; 'all': saves of every fit in the manifest
         overwrite:bool=False,              # replace an existing file named `save_as`
         skip_corrupt:bool=False,           # leave out, with a warning, checkpoints whose file fails its size or hash check
+        frozen:bool=False,                 # also average fits of a frozen model (`fine_tune`'s first stage); False: they are left alone
     ):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k={k!r}: pass the number of checkpoints to average, an int >= 1 (e.g. AverageLast(5))")
@@ -63,8 +68,10 @@ class AverageCheckpointsCallback(Callback):
             raise ValueError(f"save_as={save_as!r}: pass a file name (without folder) for the average, or None not to save it")
         if not isinstance(fname, str) or not fname:
             raise ValueError(f"fname={fname!r}: pass the fname of the SaveEvery whose checkpoints to average")
+        if frozen not in (True, False): raise ValueError(f"frozen={frozen!r}: pass False (fits of a frozen model are not averaged) or True")
         store_attr()
-        self.lower = _lower_is_better(monitor, lower_is_better)
+        self.reads_saves_of = fname  # `SaveEvery(fname=...)` leaves it to us to say why a fit saved nothing
+        self.lower, self.direction = _direction(monitor, lower_is_better)
 
 # %% ../nbs/03_average.ipynb #3502e186
 def _has_data(dl):
@@ -92,16 +99,44 @@ def _check_data(self:AverageCheckpointsCallback):
                          "validation data (or its Recorder has valid_metrics=False); give it some, or pass end_with='average' or 'final'")
     if self.strategy == 'soup' and not _has_data(self.holdout if self.holdout is not None else valid):
         raise ValueError("strategy='soup' chooses checkpoints on held-out data: pass holdout= a DataLoader, or give the Learner dls.valid")
+    if self.strategy in _NEEDS_METRIC and self.scope == 'fit' and not _has_data(valid):
+        raise ValueError(f"strategy={self.strategy!r} needs {self.monitor!r} validated when each checkpoint is saved, and this Learner "
+                         "has no validation data (or its Recorder has valid_metrics=False); give it some, or pass strategy='last', 'ema' or 'weighted'")
     if self.recompute_bn is not False and not _has_data(self.dls.train):
         raise ValueError("recompute_bn needs training batches and dls.train is empty; pass recompute_bn=False")
     self.valid = valid if _has_data(valid) else None
 
+def _is_frozen(learn)->bool:
+    "Is the model frozen (`learn.freeze()`, `fine_tune`'s first stage)? fastai freezes parameter groups before `opt.frozen_idx`"
+    return getattr(getattr(learn, 'opt', None), 'frozen_idx', 0) > 0
+
+@patch
+def _check_saver(self:AverageCheckpointsCallback):
+    "Refuse, before training, a strategy that needs metrics the saver never records"
+    s = self.saver
+    if s is None or self.strategy not in _NEEDS_METRIC or s.epochs: return
+    given = ', '.join(f'{k}={v!r}' for k in ('minutes', 'batches', 'steps') if (v := getattr(s, k)) is not None)
+    raise ValueError(f"strategy={self.strategy!r} ranks checkpoints by {self.monitor!r} as validated at the end of an epoch, and "
+                     f"SaveEvery({given}) saves only in the middle of epochs, where nothing is validated; add epochs= to it "
+                     f"(e.g. SaveEvery(epochs=1, {given})), or pass strategy='last', 'ema' or 'soup'")
+
 @patch
 def before_fit(self:AverageCheckpointsCallback):
+    self.run = training_fit(self.learn) and (self.frozen or not _is_frozen(self.learn))
+    self._quiet = self.learn.logger is noop  # `learn.no_logging()`: no table, no summary
+    if not self.run:
+        if training_fit(self.learn):
+            self._say(f"AverageLast: this fit runs on a frozen model (fine_tune's first stage?), so nothing is averaged and it "
+                      "ends with its own weights; pass AverageLast(frozen=True) to average it too")
+        return
+    mp = [cb for cb in self.learn.cbs if isinstance(cb, MixedPrecision)]
+    self._autocast = mp[0].autocast if mp else None  # MixedPrecision drops it in its after_fit, before ours runs
+    self._trained = None
     savers = _savers(self.learn, self.fname)
     self.saver = savers[0] if savers else None
     if self.saver and self.saver.keep is not None and self.saver.keep < self.k:
         raise ValueError(f"keep={self.saver.keep} would delete checkpoints that AverageLast({self.k}) needs; pass keep>={self.k} or keep=None")
+    self._check_saver()
     self._check_data()
     self.folder = Path(self.learn.path)/self.learn.model_dir
     manifest = self.saver.manifest if self.saver else Manifest(self.folder, self.fname)
@@ -133,23 +168,81 @@ def _evaluate(learn, dl)->dict:
     return dict(zip(['valid_loss'] + list(L(learn.metrics).attrgot('name')), vals))
 
 @patch
+@contextmanager
+def _as_trained(self:AverageCheckpointsCallback):
+    "Give `MixedPrecision` back, for the end of the fit, the autocast it trained under (its `after_fit` has already dropped it)"
+    mp = [cb for cb in self.learn.cbs if isinstance(cb, MixedPrecision)]
+    if not mp or self._autocast is None or mp[0].autocast is not None: yield; return
+    mp[0].autocast = self._autocast
+    try: yield
+    finally: mp[0].autocast = None
+
+def _inputs_as_model(dl, model):
+    "Batches of `dl` with floating inputs cast to the dtype of `model`'s parameters, when those are not float32 (a `.bfloat16()` model)"
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for b in dl:
+        yield b if dtype == torch.float32 else [x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in b]
+
+@patch
 def _use(self:AverageCheckpointsCallback, state)->dict:
-    "Load `state` into the model, recompute BatchNorm statistics if asked, and return the state the model now has"
+    "Load `state` into the model, recompute BatchNorm statistics if asked (as the model trained: autocast, dtype), return the state it now has"
     model = get_model(self.model)
     model.load_state_dict(state)
     if self.recompute_bn is False: return state
-    recompute_bn(model, self.dls.train, None if self.recompute_bn is True else self.recompute_bn, self.dls.n_inp)
+    with (self._autocast if self._autocast is not None else nullcontext()):
+        recompute_bn(model, _inputs_as_model(self.dls.train, model), None if self.recompute_bn is True else self.recompute_bn, self.dls.n_inp)
     return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
+
+def _fingerprint(model)->torch.Tensor:
+    "One float64 sum per floating tensor of `model`'s state: it tells whether a callback loaded other weights after training"
+    with torch.no_grad():
+        return torch.stack([v.double().sum() for v in model.state_dict().values() if v.is_floating_point()] or [torch.zeros((), dtype=torch.float64)]).cpu()
+
+@patch
+def after_epoch(self:AverageCheckpointsCallback): self._trained = _fingerprint(get_model(self.model))
+@patch
+def after_cancel_fit(self:AverageCheckpointsCallback): self._trained = _fingerprint(get_model(self.model))
+
+@patch
+def _final_is(self:AverageCheckpointsCallback)->str:
+    "What the weights the fit ended with are: the last trained ones, or what another callback loaded after training"
+    if self._trained is None or torch.equal(self._trained, _fingerprint(get_model(self.model))): return ''
+    smc = [cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback)]
+    if smc:
+        self.final_label = f"{type(smc[0]).__name__}'s best"
+        return f"{type(smc[0]).__name__}'s best, {smc[0].monitor} {float(smc[0].best):.4g}, loaded by it when the fit ended"
+    self.final_label = "reloaded by a callback"
+    return "not the last trained weights: a callback that runs before AverageLast loaded others when the fit ended"
+
+@patch
+def _say(self:AverageCheckpointsCallback, msg):
+    "Show `msg` through the Learner's logger; through `print` when an interrupted fit left a dead callback's logger in its place"
+    if getattr(self, '_quiet', False): return
+    out = self.learn.logger
+    if out is noop: return
+    if isinstance(getattr(out, '__self__', None), Callback): out = print  # e.g. ProgressCallback's, after a KeyboardInterrupt
+    out(msg)
 
 @patch
 def _score(self:AverageCheckpointsCallback, dl)->float:
     return _evaluate(self.learn, dl)[self.monitor]
 
 # %% ../nbs/03_average.ipynb #ce0cb415
+def _round(v)->str: return f'{v:.2f}'.rstrip('0').rstrip('.')
+
 def _span(entries, key):
     vals = [e[key] for e in entries]
-    fmt = (lambda v: f'{v:g}') if key == 'epoch' else str
+    fmt = _round if key == 'epoch' else str
     return fmt(vals[0]) if len(vals) == 1 else f'{fmt(vals[0])}–{fmt(vals[-1])}'
+
+def _spans(entries)->str:
+    "Where `entries` (in save order) come from: 'epochs 1.43–3.57, iterations 10–25', per fit when they span several"
+    runs = []
+    for e in entries:
+        if runs and runs[-1][0] == e['fit']: runs[-1][1].append(e)
+        else: runs.append((e['fit'], [e]))
+    text = [f"epochs {_span(es, 'epoch')}, iterations {_span(es, 'iter')}" for _, es in runs]
+    return text[0] if len(runs) == 1 else '; '.join(f"fit {f}: {t}" for (f, _), t in zip(runs, text))
 
 @patch
 def _average(self:AverageCheckpointsCallback, entries, files, weights):
@@ -163,10 +256,11 @@ def _average(self:AverageCheckpointsCallback, entries, files, weights):
 def after_fit(self:AverageCheckpointsCallback):
     if rank_distrib() != 0: return
     manifest = self.saver.manifest if self.saver else Manifest(self.folder, self.fname)
-    self.pool = L(manifest.live(self.fit_id if self.scope == 'fit' else None))
+    self.pool, self._fitted = L(manifest.live(self.fit_id if self.scope == 'fit' else None)), self.learn
     where = f"fit {self.fit_id}" if self.scope == 'fit' else "the manifest"
     if not self.pool:
-        return warnings.warn(f"AverageLast({self.k}): no checkpoints of {where} to average; the model keeps its final weights")
+        why = f" ({self.saver._why_no_saves()})" if self.saver is not None and not self.saver.saved else ''
+        return warnings.warn(f"AverageLast({self.k}): no checkpoints of {where} to average; the model keeps its final weights{why}")
     entries, weights = select_checkpoints(self.pool, self.strategy, self.k, self.monitor, self.weights, self.decay, self.lower)
     good = manifest.verify(entries, skip=self.skip_corrupt)  # before anything is loaded
     if weights is not None: weights = [w for e, w in zip(entries, weights) if e in good]
@@ -178,9 +272,11 @@ def after_fit(self:AverageCheckpointsCallback):
     files = [manifest.file(e) for e in entries]
     model = get_model(self.model)
     final = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}  # on the CPU: no second copy on the GPU
+    self.final_is = self._final_is()
     try:
-        entries, state = self._average(entries, files, weights)
-        self._decide(final, state)
+        with self._as_trained():
+            entries, state = self._average(entries, files, weights)
+            self._decide(final, state)
         self._save(manifest, entries, state, weights)
         model.load_state_dict(state if self.holds == 'average' else final)
     except BaseException:
@@ -190,8 +286,10 @@ def after_fit(self:AverageCheckpointsCallback):
     what = f"{len(entries)} of {len(files)} checkpoints (greedy soup)" if self.soup else f"{len(entries)} checkpoint(s)"
     saved = f"; saved as {self.saved_path}" if self.saved_path else ""
     if self.report and self.valid is None: saved += f"; no report ({self._no_report})"
-    self.learn.logger(f"AverageLast: averaged {what} of {where} (epochs {_span(entries, 'epoch')}, iterations "
-                      f"{_span(entries, 'iter')}){saved}. learn.model holds the {self.holds} weights: {self.reason}")
+    if "fastai's rule" in self.direction and (self.strategy in _NEEDS_METRIC + ('soup',)): saved += f"; {self.monitor}: {self.direction}"
+    final_is = f" ({self.final_is})" if self.final_is and self.holds == 'final' else ''
+    self._say(f"AverageLast: averaged {what} of {where} ({_spans(entries)}){saved}. learn.model holds the {self.holds} "
+              f"weights{final_is}: {self.reason}")
 
 # %% ../nbs/03_average.ipynb #c3aba14e
 @patch
@@ -211,20 +309,20 @@ def _decide(self:AverageCheckpointsCallback, final, state):
     f, a = self.results['final'][self.monitor], self.results['average'][self.monitor]
     avg_wins = a <= f if self.lower else a >= f
     self.holds = 'average' if avg_wins else 'final'
-    order = 'lower' if self.lower else 'higher'
     self.reason = (f"its {self.monitor} on dls.valid, {(a if avg_wins else f):.4g}, is {'no worse than' if a == f else 'better than'} "
-                   f"the {'final' if avg_wins else 'average'} weights' {(f if avg_wins else a):.4g} ({order} is better; end_with='better')")
+                   f"the {'final' if avg_wins else 'average'} weights' {(f if avg_wins else a):.4g} ({self.direction}; end_with='better')")
 
 @patch
 def _show(self:AverageCheckpointsCallback):
     import pandas as pd
     label = f"average of {len(self.soup.chosen)} (soup)" if self.soup else "average"
-    self.table = pd.DataFrame([self.results['final'], self.results['average']], index=['final weights', label])
-    if not self.report or self.learn.logger is noop: return
+    final = 'final weights' + (f" ({self.final_label})" if getattr(self, 'final_is', '') else '')
+    self.table = pd.DataFrame([self.results['final'], self.results['average']], index=[final, label])
+    if not self.report or self._quiet or self.learn.logger is noop: return
     if IN_NOTEBOOK:
         from IPython.display import display
         display(self.table)
-    else: self.learn.logger(self.table.to_string(float_format=lambda v: f'{v:.4f}'))
+    else: self._say(self.table.to_string(float_format=lambda v: f'{v:.4f}'))
 
 @patch
 def _save(self:AverageCheckpointsCallback, manifest, entries, state, weights):
@@ -238,23 +336,45 @@ def _save(self:AverageCheckpointsCallback, manifest, entries, state, weights):
 
 # %% ../nbs/03_average.ipynb #56cfad70
 @patch
+def _validate_pool(self:AverageCheckpointsCallback, metric:str)->list:
+    "`metric` of every checkpoint of the pool, each loaded and validated on `dls.valid` now; the model gets its weights back after"
+    learn = self.learn or self._fitted  # callbacks passed to `fit` are detached from the Learner when it ends
+    names = ['valid_loss'] + list(L(learn.metrics).attrgot('name'))
+    if metric not in names: raise ValueError(f"plot(validate=True) validates {', '.join(map(repr, names))}, not {metric!r}; pass one of those")
+    model = get_model(learn.model)
+    keep, ys = {k: v.detach().clone() for k, v in model.state_dict().items()}, []
+    try:
+        for e in self.pool:
+            model.load_state_dict(average_checkpoints([Path(self.folder)/e['file']]))
+            ys.append(float(learn.validate()[names.index(metric)]))
+    finally: model.load_state_dict(keep)
+    return ys
+
+@patch
 def plot(self:AverageCheckpointsCallback,
-    ax=None,              # matplotlib axes to draw on; None: a new figure
+    ax=None,                 # matplotlib axes to draw on; None: a new figure
     metric:str='valid_loss', # the recorded value to plot
+    validate:bool=False,     # validate every checkpoint on `dls.valid` now (one pass each), e.g. for saves made mid-epoch
 ):
-    "Valid loss of every checkpoint of the fit against the average and the final weights"
+    "`metric` of every checkpoint of the fit against the average and the final weights; the train loss where saves have no `metric`"
     import matplotlib.pyplot as plt
     if not self.pool: raise ValueError("nothing to plot: call plot() after a fit in which AverageLast averaged checkpoints")
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
-    pts = [(e['epoch'], e['metrics'][metric]) for e in self.pool if (e.get('metrics') or {}).get(metric) is not None]
+    if validate: ys, label = self._validate_pool(metric), f'checkpoints ({metric}, validated now)'
+    else: ys, label = [(e.get('metrics') or {}).get(metric) for e in self.pool], f'checkpoints ({metric} when saved)'
+    ylabel = metric
+    if all(y is None for y in ys):  # saves in the middle of epochs record no validation: the smoothed train loss at each save
+        ys, ylabel = [e.get('train_loss') for e in self.pool], 'train loss (smoothed)'
+        label = f"checkpoints (train loss when saved; no {metric} mid-epoch: plot(validate=True) validates them)"
     used = {e['file'] for e in self.entries}
-    ax.plot(*zip(*pts), '.-', color='C0', label=f'checkpoints ({metric} when saved)') if pts else None
-    avg = [(e['epoch'], e['metrics'][metric]) for e in self.pool if e['file'] in used and (e.get('metrics') or {}).get(metric) is not None]
-    if avg: ax.plot(*zip(*avg), 'o', mfc='none', ms=9, color='C2', label='averaged')
-    if self.results and metric in self.results['final']:
+    pts = [(e['epoch'], y, e['file'] in used) for e, y in zip(self.pool, ys) if y is not None]
+    if pts: ax.plot([p[0] for p in pts], [p[1] for p in pts], '.-', color='C0', label=label)
+    avg = [p for p in pts if p[2]]
+    if avg: ax.plot([p[0] for p in avg], [p[1] for p in avg], 'o', mfc='none', ms=9, color='C2', label='averaged')
+    if self.results and metric in self.results['final'] and ylabel == metric:
         ax.axhline(self.results['final'][metric], color='C3', ls='--', label=f"final weights {self.results['final'][metric]:.4f}")
         ax.axhline(self.results['average'][metric], color='C2', label=f"average {self.results['average'][metric]:.4f}")
-    ax.set_xlabel('epoch'); ax.set_ylabel(metric); ax.legend(fontsize=8)
+    ax.set_xlabel('epoch'); ax.set_ylabel(ylabel); ax.legend(fontsize=8)
     return ax
 
 # %% ../nbs/03_average.ipynb #e68f4742

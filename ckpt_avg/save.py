@@ -17,13 +17,27 @@ from .writer import Snapshot, BackgroundWriter, save_no_crc
 from .distrib import rank0_decides
 
 # %% auto #0
-__all__ = ['SaveEvery', 'SaveEveryNCallback']
+__all__ = ['SaveEvery', 'training_fit', 'TrainingFitCallback', 'SaveEveryNCallback']
 
 # %% ../nbs/02_save.ipynb #6633fa9e
 def _positive(name, v, typ, none='to turn this trigger off'):
     if v is None: return
     if isinstance(v, bool) or not isinstance(v, typ) or v <= 0:
         raise ValueError(f"{name}={v!r}: pass a positive {'number' if typ != int else 'int'}, or None {none}")
+
+def training_fit(learn)->bool:
+    "Is `learn` in a training fit? Not `lr_find` (an `LRFinder`), `get_preds`/`predict` (a `GatherPredsCallback`), nor `validate` (which holds `learn.lock`)"
+    lock = getattr(learn, 'lock', None)
+    return not (hasattr(learn, 'lr_finder') or hasattr(learn, 'gather_preds') or (lock is not None and lock.locked()))
+
+class TrainingFitCallback(Callback):
+    "A callback that takes part in training fits only (see `training_fit`), and pickles without what it holds during one"
+    remove_on_fetch, _only_train_loop = True, True  # out of `get_preds`' inner fetch and of `learn.summary()`, as fastai's trackers
+    def __call__(self, event_name):
+        # fastai resets `run` in `after_fit`, which a fit ended by KeyboardInterrupt never reaches: a False left over
+        # from an interrupted `lr_find` would otherwise switch the callback off for good
+        if event_name == 'before_fit': self.run = True
+        return super().__call__(event_name)
 
 def _metrics(learn)->dict:
     "Validation loss and metrics of the epoch that just ended, by name"
@@ -58,13 +72,14 @@ def _before_start(cb, epochs_done:float)->bool:
 
 
 # %% ../nbs/02_save.ipynb #678395c5
-class SaveEveryNCallback(Callback):
-    "Save the model every `epochs` epochs, `minutes` minutes or `batches` training batches, recorded in a manifest"
+class SaveEveryNCallback(TrainingFitCallback):
+    "Save the model every `epochs` epochs, `minutes` minutes, `batches` training batches or `steps` optimizer steps, recorded in a manifest"
     order = TrackerCallback.order+1  # after the Recorder, so the epoch's losses and metrics are known
+    _stateattrs = ('_writer', '_snapshot', '_lock', '_state')  # a thread, buffers, a lock: never pickled by `learn.export`
     def __init__(self,
         epochs:int=None,     # save after epochs N, 2N, 3N, ... (1-based)
         minutes:float=None,  # save when this much wall time has passed since the last save, checked after every batch
-        batches:int=None,    # save every this many training batches, counted across epochs
+        batches:int=None,    # save every this many training batches, counted across epochs (every batch counts, stepped or not)
         fname:str='ckpt',    # file name stem, under `learn.path/learn.model_dir`
         with_opt:bool=False, # also save the optimizer state
         keep:int=None,       # keep only the newest `keep` checkpoint files of `fname` on disk
@@ -72,10 +87,12 @@ class SaveEveryNCallback(Callback):
         stop_on_error:bool=False, # a failed save stops training (default: warn and train on)
         start_at=None,       # no saves before this point: an int epoch (15), a fraction of the fit (0.75) or '2000it'
         background:bool=True,# write on a thread from a reused copy of the state; False: write before training goes on
+        steps:int=None,      # save every this many optimizer steps (with `GradientAccumulation`, fewer than batches)
     ):
-        if epochs is None and minutes is None and batches is None:
-            raise ValueError("SaveEvery needs a trigger: pass epochs=, minutes= or batches= (e.g. SaveEvery(epochs=1))")
+        if epochs is None and minutes is None and batches is None and steps is None:
+            raise ValueError("SaveEvery needs a trigger: pass epochs=, minutes=, batches= or steps= (e.g. SaveEvery(epochs=1))")
         _positive('epochs', epochs, int); _positive('batches', batches, int); _positive('minutes', minutes, (int, float))
+        _positive('steps', steps, int)
         _positive('keep', keep, int, 'to keep every checkpoint'); self._start = _start_point(start_at)
         if not isinstance(fname, str) or not fname or Path(fname).name != fname:
             raise ValueError(f"fname={fname!r}: pass a plain file name stem such as 'ckpt' (files go to learn.path/learn.model_dir)")
@@ -91,6 +108,9 @@ def _savers(learn, fname): return [cb for cb in learn.cbs if isinstance(cb, Save
 
 @patch
 def before_fit(self:SaveEveryNCallback):
+    self.run = training_fit(self.learn)  # lr_find, validate, get_preds, predict: no file, no manifest change
+    if not self.run: return
+    self.n_steps, self._stepped = 0, False
     if len(_savers(self.learn, self.fname)) > 1:
         raise ValueError(f"two SaveEvery callbacks with fname={self.fname!r} in one fit would write one manifest; give each its own fname")
     self.manifest = Manifest(self.folder, self.fname)
@@ -101,9 +121,22 @@ def before_fit(self:SaveEveryNCallback):
     self._start_writer()
 
 @patch
+def before_batch(self:SaveEveryNCallback): self._stepped = False
+
+@patch
+def after_cancel_step(self:SaveEveryNCallback): self._stepped = None  # e.g. MixedPrecision skipped a step on an overflow
+
+@patch
+def after_step(self:SaveEveryNCallback):
+    if self._stepped is False: self._stepped = True  # a batch that `GradientAccumulation` cancels never gets here
+
+@patch
 def after_batch(self:SaveEveryNCallback):
-    if not self.training or _before_start(self, self.epoch + (self.iter+1)/self.n_iter): return
+    if not self.training: return
+    if self._stepped: self.n_steps += 1
+    if _before_start(self, self.epoch + (self.iter+1)/self.n_iter): return
     if self.batches and self.train_iter % self.batches == 0: self._save('batches')
+    elif self.steps and self._stepped and self.n_steps % self.steps == 0: self._save('steps')
     elif self.minutes and rank0_decides(time.monotonic() - self.last_time >= self.minutes*60): self._save('minutes')
 
 @patch
@@ -220,6 +253,21 @@ def after_fit(self:SaveEveryNCallback):
     finally:
         self._snapshot.release(); self._state = None
         self.paths = L(self.manifest.file(e) for e in self.saved)
+    self.no_saves = None if self.saved else self._why_no_saves()
+    if self.no_saves and not any(getattr(cb, 'reads_saves_of', None) == self.fname for cb in self.learn.cbs):
+        warnings.warn(self.no_saves)  # an `AverageLast` of this fname says it itself, with what it does instead
+
+@patch
+def _why_no_saves(self:SaveEveryNCallback)->str:
+    "Why this fit made no save, and what to pass"
+    took = time.monotonic() - self.start
+    why = [f"minutes={self.minutes:g} saves once {self.minutes:g} minutes have passed and this fit took {took/60:.2g} minutes"] if self.minutes else []
+    if self.epochs: why.append(f"epochs={self.epochs} saves after epoch {self.epochs} and this fit ran {self.epoch+1 if self.n_epoch else 0} epoch(s)")
+    if self.batches: why.append(f"batches={self.batches} saves after {self.batches} training batches and this fit ran {self.train_iter}")
+    if self.steps: why.append(f"steps={self.steps} saves after {self.steps} optimizer steps and this fit made {self.n_steps}")
+    if self._start is not None: why.append(f"start_at={self.start_at!r} allows no save before that point")
+    return (f"SaveEvery(fname={self.fname!r}) saved nothing in this fit: {'; '.join(why)}. Pass a trigger that "
+            "fires within the fit, e.g. SaveEvery(epochs=1) (a save after every epoch) or a smaller minutes=")
 
 # %% ../nbs/02_save.ipynb #d48bd23d
 SaveEvery = SaveEveryNCallback

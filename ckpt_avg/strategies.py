@@ -17,13 +17,27 @@ __all__ = ['STRATEGIES', 'lower_is_better', 'check_strategy', 'select_checkpoint
 STRATEGIES = ('last', 'weighted', 'metric', 'ema', 'best', 'window', 'soup')
 _NEEDS_METRIC = ('metric', 'best', 'window')
 
+_LOWER = ('rmse', 'mae', 'mse', 'msle', 'exp_rmspe', 'rmspe', 'mape', 'perplexity')  # fastai's names, leading '_' dropped
+_HIGHER = ('accuracy', 'accuracy_multi', 'top_k_accuracy', 'foreground_acc', 'balanced_accuracy_score', 'f1_score', 'fbeta_score',
+           'precision_score', 'recall_score', 'roc_auc_score', 'average_precision_score', 'r2_score', 'explained_variance_score',
+           'matthews_corrcoef', 'cohen_kappa_score', 'pearsonr', 'spearmanr', 'dice', 'jaccard_coeff', 'jaccard_score', 'bleu', 'corpus_bleu')
+
+def _direction(monitor:str, override:bool=None)->tuple:
+    "(lower, how): is lower `monitor` better, and how that was decided, in words for a message"
+    if override is not None: return bool(override), f"{'lower' if override else 'higher'} is better, as lower_is_better={bool(override)} says"
+    name = monitor.lower().lstrip('_')
+    for prefix in ('valid_', 'train_'): name = name[len(prefix):] if name.startswith(prefix) else name  # Recorder(train_metrics=True)
+    if name in _LOWER or 'loss' in name or 'error' in name: return True, "lower is better"
+    if name in _HIGHER: return False, "higher is better"
+    return False, (f"higher is better, by fastai's rule for a name ckpt_avg does not know ({monitor!r} has no 'loss' or 'error' in it); "
+                   "pass lower_is_better=True if lower is better")
+
 def lower_is_better(
     monitor:str,          # a name `SaveEvery` records: 'valid_loss' or a metric's name
-    override:bool=None,   # True or False to say it yourself; None: fastai's rule
+    override:bool=None,   # True or False to say it yourself; None: known names, then fastai's rule
 )->bool:
-    "fastai's `TrackerCallback` rule: lower is better for names with 'loss' or 'error' in them, higher for the rest"
-    if override is not None: return bool(override)
-    return 'loss' in monitor or 'error' in monitor
+    "Is a lower `monitor` better? Known for fastai's metrics (`rmse`, `mae`, `perplexity`: lower; `accuracy`, `f1_score`: higher); otherwise fastai's `TrackerCallback` rule ('loss' or 'error' in the name: lower)"
+    return _direction(monitor, override)[0]
 
 # %% ../nbs/09_strategies.ipynb #bc19e66f
 def check_strategy(
