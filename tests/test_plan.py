@@ -4,7 +4,7 @@ inputs, and check weights by one rule, before anything is read or written"""
 import contextlib, io, math, shutil, warnings
 from pathlib import Path
 import pytest, torch
-from ckpt_avg.core import average_checkpoints, average_to_file
+from ckpt_avg.core import average_checkpoints, average_to_file, plan_average
 from ckpt_avg.cli import main
 from ckpt_avg.manifest import Manifest, IntegrityError
 from ckpt_avg.demo import digits_learner
@@ -178,3 +178,13 @@ def test_dry_run_says_what_would_be_averaged(models, tmp_path):
     loose = [shutil.copy(f, tmp_path/'loose') for f in saves(models, 3, 4)]
     code, out, err = run('average', *loose, '--dry-run')
     assert code == 0 and out.count('in no manifest: read as it is') == 2, (out, err)
+
+
+def test_an_average_written_again_is_vouched_for_by_its_latest_record(models):
+    "Averaging into the same file twice (--force) records it twice: the latest record is the one its bytes must match"
+    for last in ('2', '3'):
+        assert run('average', models, '--last', last, '-o', models/'mine.pth', '--force')[0] == 0
+    plan = plan_average([models/'mine.pth'])
+    assert plan.checked == [True]
+    flip(models/'mine.pth')
+    with pytest.raises(IntegrityError, match='mine.pth does not match the hash'): plan_average([models/'mine.pth'])
