@@ -241,6 +241,7 @@ class AveragePlan:
     def __init__(self,
         checkpoints:list,    # `formats.Checkpoint`s, mapped, in save order
         weights=None,        # normalised, one per checkpoint; `None`: a plain mean
+        *,
         given_weights=None,  # the weights as given, one per checkpoint (what a manifest records)
         checked=None,        # per checkpoint: whether a manifest vouched for its bytes
         entries=None,        # per checkpoint, its manifest entry, where the plan came from a manifest
@@ -313,7 +314,7 @@ def _from_files(inputs, k, fit)->list:
         raise CheckpointError(f"{d} is a folder: pass one folder alone (averaged through its manifest), or checkpoint files")
     return files[-k:] if k else files
 
-def _plan(files, weights, skip, format, strip_prefix, kernel, manifest=None, entries=None, source='')->AveragePlan:
+def _plan(files, weights, skip, *, format, strip_prefix, kernel, manifest=None, entries=None, source='')->AveragePlan:
     "Check `files` (and their `entries` of `manifest`) as the plan does; an empty plan if `skip` left nothing"
     given = None if weights is None else list(weights)
     normalised_weights(given, len(files))  # the count and the values, before any file is hashed or read
@@ -329,7 +330,8 @@ def _plan(files, weights, skip, format, strip_prefix, kernel, manifest=None, ent
     ckpts = [read_checkpoint(f, format, strip_prefix) for f in files]
     _check_compatible([c.state for c in ckpts], files)
     weights = normalised_weights(given)
-    return AveragePlan(ckpts, weights, given, checked, entries, manifest, source, _kernel(kernel, ckpts, weights, 1<<18), skipped)
+    return AveragePlan(ckpts, weights, given_weights=given, checked=checked, entries=entries, manifest=manifest, source=source,
+                       kernel=_kernel(kernel, ckpts, weights, 1<<18), skipped=skipped)
 
 def plan_average(
     inputs,                  # checkpoint files in save order, or a folder whose manifest lists them
@@ -337,6 +339,7 @@ def plan_average(
     fname:str='ckpt',        # with a folder: the manifest's `fname`
     fit:int=None,            # with a folder: only saves of this fit (all fits if `None`)
     weights=None,            # one weight per checkpoint (normalised to sum 1); `None`: a plain mean
+    *,
     skip_corrupt:bool=False, # leave out, with a warning, files that fail their manifest's size or hash check
     format:str=None,         # the files' format (see `FORMATS`); `None`: detect each file's
     strip_prefix:str=None,   # keep only the keys under this prefix, without it (e.g. 'model.' for Lightning)
@@ -346,7 +349,7 @@ def plan_average(
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1): raise ValueError(f"k={k!r}: pass an int >= 1, or None for all")
     if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir(): files, m, entries, source = _from_folder(Path(inputs), k, fname, fit)
     else: files, m, entries, source = _from_files(inputs, k, fit), None, None, "files as given"
-    plan = _plan(files, weights, skip_corrupt, format, strip_prefix, kernel, m, entries, source)
+    plan = _plan(files, weights, skip_corrupt, format=format, strip_prefix=strip_prefix, kernel=kernel, manifest=m, entries=entries, source=source)
     if not plan.files: raise IntegrityError(f"every one of the {len(files)} checkpoints failed its size or hash check (see the warnings); nothing is left to average")
     return plan
 
@@ -355,14 +358,15 @@ def plan_entries(
     entries:list,            # its checkpoint entries to average, in save order (e.g. chosen by `select_checkpoints`)
     weights=None,            # one weight per entry; `None`: a plain mean
     skip_corrupt:bool=False, # leave out, with a warning, entries whose file fails its size or hash check
+    *,
     format:str=None,         # the files' format; `None`: detect each file's
     strip_prefix:str=None,   # keep only the keys under this prefix, without it
     kernel:str='auto',       # the engine's kernel
 )->AveragePlan:
     "The plan of `entries` a caller chose from `manifest` itself: verified, weights aligned; empty if `skip_corrupt` left none"
     entries = list(entries)
-    return _plan([manifest.file(e) for e in entries], weights, skip_corrupt, format, strip_prefix, kernel, manifest, entries,
-                 f"{len(entries)} checkpoints chosen from {manifest.path}")
+    return _plan([manifest.file(e) for e in entries], weights, skip_corrupt, format=format, strip_prefix=strip_prefix, kernel=kernel,
+                 manifest=manifest, entries=entries, source=f"{len(entries)} checkpoints chosen from {manifest.path}")
 
 # %% ../nbs/01_core.ipynb #ef6b1b49
 def _check_into(into, ref):
