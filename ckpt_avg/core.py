@@ -298,8 +298,8 @@ def _from_folder(folder:Path, k, fname, fit)->tuple:
     live = m.live(fit)
     if not live: raise CheckpointError(f"{m.path} lists no checkpoints{'' if fit is None else f' of fit {fit}'} to average")
     entries = m.last(k, fit) if k else live
-    of = '' if fit is None else f' of fit {fit}'
-    return [m.file(e) for e in entries], m, entries, (f"the last {len(entries)} checkpoints{of} in {m.path}" if k else f"all {len(entries)} checkpoints{of} in {m.path}")
+    which = f"the last {len(entries)}" if k else f"all {len(entries)}"
+    return [m.file(e) for e in entries], m, entries, f"{which} checkpoints{'' if fit is None else f' of fit {fit}'} in {m.path}"
 
 def _from_files(inputs, k, fit)->list:
     "The files of `inputs` (one path, or several in save order), the last `k` of them"

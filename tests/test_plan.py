@@ -188,3 +188,13 @@ def test_an_average_written_again_is_vouched_for_by_its_latest_record(models):
     assert plan.checked == [True]
     flip(models/'mine.pth')
     with pytest.raises(IntegrityError, match='mine.pth does not match the hash'): plan_average([models/'mine.pth'])
+
+
+def test_the_command_line_uses_only_public_functions_and_walks_no_manifest():
+    "The CLI plans through `plan_average` like every other door: no private import, no manifest of its own"
+    import ast, ckpt_avg.cli as cli
+    source = Path(cli.__file__).read_text()
+    imports = [(n.module, a.name) for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and (n.module or '').startswith('ckpt_avg')
+               for a in n.names]
+    assert not [i for i in imports if i[1].startswith('_')], imports
+    assert 'Manifest' not in {name for _, name in imports} and not any(f'.{m}(' in source for m in ('live', 'last', 'verify')), imports
