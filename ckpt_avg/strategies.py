@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 from fastcore.basics import AttrDict
-from .core import average_checkpoints
+from .core import average_checkpoints, normalised_weights
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'lower_is_better', 'check_strategy', 'select_checkpoints', 'greedy_soup', 'recompute_bn']
@@ -55,11 +55,10 @@ def check_strategy(
         raise ValueError(f"weights= goes with strategy='weighted' (got strategy={strategy!r}, weights={weights!r}); "
                          "pass both, or neither")
     if weights is not None:
-        try: w = [float(x) for x in weights]
-        except (TypeError, ValueError): raise ValueError(f"weights={weights!r}: pass a list of {k} numbers >= 0") from None
-        if len(w) != k: raise ValueError(f"weights has {len(w)} values for k={k} checkpoints; pass one weight per checkpoint, oldest first")
-        if any(not x >= 0 or math.isinf(x) for x in w) or sum(w) <= 0:
-            raise ValueError(f"weights={w}: every weight must be a finite number >= 0 and at least one > 0")
+        try: n = len(weights)
+        except TypeError: raise ValueError(f"weights={weights!r}: pass a list of {k} numbers >= 0") from None
+        if n != k: raise ValueError(f"weights has {n} values for k={k} checkpoints; pass one weight per checkpoint, oldest first")
+        normalised_weights(weights)  # the one rule for weights, the plan's: finite, >= 0, not all 0
     if (decay is not None) != (strategy == 'ema'):
         raise ValueError(f"decay= goes with strategy='ema' (got strategy={strategy!r}, decay={decay!r}); pass both, or neither")
     if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1):

@@ -48,6 +48,16 @@ CASES = [
     ("a file that is not a checkpoint", "(models/'notes.txt').write_text('not weights')", "average_checkpoints([models/'ckpt_f001_s0001.pth', models/'notes.txt'])", "is not a checkpoint: it is neither a zip archive"),
     ("a pickle that holds no weights", "torch.save([1, 2, 3], models/'list.pth')", "average_checkpoints([models/'list.pth'])", "not a model's weights"),
     ("an average fed back in with its own inputs", None, "average_checkpoints([models/'ckpt_f001_s0003.pth', models/'ckpt_f001_s0004.pth', models/'ckpt_f001_avg.pth'])", "would count twice"),
+    # every door checks what a manifest vouches for, the averages it records and the weights, by one plan
+    ("a changed checkpoint in a list of files", "flip(models/'ckpt_f001_s0004.pth')", "average_checkpoints([models/'ckpt_f001_s0003.pth', models/'ckpt_f001_s0004.pth'])", "ckpt_f001_s0004.pth does not match the hash"),
+    ("a recorded average changed after it was saved", "flip(models/'ckpt_f001_avg.pth')", "average_checkpoints([models/'ckpt_f001_avg.pth'])", "ckpt_f001_avg.pth does not match the hash"),
+    ("a weight that is not finite", None, "average_checkpoints([models/'ckpt_f001_s0001.pth', models/'ckpt_f001_s0002.pth'], weights=[float('inf'), 1])", "inf is not finite"),
+    ("weights that are all zero", None, "average_checkpoints(models, k=2, weights=[0, 0])", "they sum to 0"),
+    ("ckpt_avg average on a folder with a changed checkpoint", "flip(models/'ckpt_f001_s0004.pth')", "cli(['average', str(models), '-o', str(models/'x.pth')])", "ckpt_f001_s0004.pth does not match the hash"),
+    ("ckpt_avg average --dry-run on a glob with a changed checkpoint", "flip(models/'ckpt_f001_s0004.pth')", "cli(['average', str(models/'ckpt_f001_s*.pth'), '--dry-run'])", "ckpt_f001_s0004.pth does not match the hash"),
+    ("ckpt_avg average of an average and its inputs", None, "cli(['average', str(models/'ckpt_f001_s0003.pth'), str(models/'ckpt_f001_s0004.pth'), str(models/'ckpt_f001_avg.pth'), '-o', str(models/'x.pth')])", "would count twice"),
+    ("ckpt_avg average with a weight that is not a number", None, "cli(['average', str(models), '--last', '2', '-o', str(models/'x.pth'), '--weights', 'nan,1'])", "nan is not a number"),
+    ("ckpt_avg average --dry-run onto an existing file", "(models/'x.pth').write_bytes(b'mine')", "cli(['average', str(models), '-o', str(models/'x.pth'), '--dry-run'])", "already exists; pass --force"),
     # the command line
     ("ckpt_avg demo: more saves to average than epochs", None, "cli(['demo', '--epochs', '3', '--k', '5'])", "--k 5 averages 5 saves, but --epochs 3"),
     ("ckpt_avg demo: a count that is not a number", None, "cli(['demo', '--epochs', 'many'])", "'many' is not a whole number"),

@@ -8,7 +8,7 @@ from fastai.layers import ConvLayer
 from ckpt_avg.save import SaveEvery
 from ckpt_avg.average import AverageLast
 from ckpt_avg.core import average_checkpoints, CheckpointError
-from ckpt_avg.manifest import Manifest, file_hash
+from ckpt_avg.manifest import Manifest, IntegrityError, file_hash
 from ckpt_avg.demo import digits_learner
 from helpers import Capture, fit, state, states_equal, mean_of, folder
 
@@ -288,8 +288,12 @@ def test_unreadable_and_non_checkpoint_files_are_named(tmp_path):
     m = Manifest(folder(learn))
     victim = m.file(m.checkpoints[1])
     victim.write_bytes(victim.read_bytes()[:1000])  # truncated
-    with pytest.raises(CheckpointError, match='ckpt_f001_s0002.pth looks like a torch file but cannot be read'):
-        average_checkpoints([m.file(e) for e in m.checkpoints])  # a list: no manifest check (a folder gives IntegrityError, see test_integrity.py)
+    with pytest.raises(IntegrityError, match='ckpt_f001_s0002.pth has 1,000 bytes but the manifest recorded'):
+        average_checkpoints([m.file(e) for e in m.checkpoints])  # a list: checked against its files' manifest too (test_plan.py)
+    loose = tmp_path/'loose.pth'  # the same bytes in no manifest: read as they are, and named by the reader
+    loose.write_bytes(victim.read_bytes())
+    with pytest.raises(CheckpointError, match='loose.pth looks like a torch file but cannot be read'):
+        average_checkpoints([m.file(m.checkpoints[0]), loose])
     (tmp_path/'notes.txt').write_text('hello')
     with pytest.raises(CheckpointError, match='notes.txt is not a checkpoint'):
         average_checkpoints([m.file(m.checkpoints[0]), tmp_path/'notes.txt'])

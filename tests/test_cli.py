@@ -140,3 +140,20 @@ def test_averaging_path_does_not_import_fastai(tmp_path):
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'fastai', 'fastprogress', 'sklearn', 'matplotlib'})); sys.exit(rc)")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0 and r.stdout.strip().endswith('[]'), (r.stdout, r.stderr)
+
+
+def test_a_changed_checkpoint_is_refused_from_the_folder_files_glob_and_dry_run(tmp_path):
+    "The README's promise, from the shell: sizes and hashes are checked before averaging, whichever way the files are given"
+    learn = digits_learner(path=tmp_path)
+    with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-2, cbs=SaveEvery(epochs=1))
+    models = tmp_path/'models'
+    f = models/'ckpt_f001_s0002.pth'
+    b = bytearray(f.read_bytes()); b[-200] ^= 1; f.write_bytes(bytes(b))  # one bit of the last tensor's bytes
+    files = sorted(models.glob('ckpt_f001_s*.pth'))
+    for inputs in ([models], files, [models/'ckpt_f001_s*.pth']):
+        for dry in ([], ['--dry-run']):
+            r = cli('average', *inputs, '-o', tmp_path/'avg.pth', *dry)
+            assert r.returncode == 1 and f'{f} does not match the hash the manifest recorded' in r.stderr, (inputs, dry, r.stderr)
+    assert not (tmp_path/'avg.pth').exists()
+    r = cli('average', *files[:1], files[-1], '-o', tmp_path/'avg.pth')  # the good ones still average
+    assert r.returncode == 0 and 'averaged 2 checkpoints (files as given; sizes and hashes checked)' in r.stdout, r.stderr

@@ -106,7 +106,7 @@ MEM_SCRIPT = textwrap.dedent('''
         from ckpt_avg.core import average_to_file
         from ckpt_avg.core import load_state
         average_to_file(files, files[0] + '.avg', kernel=kernel)
-        avg = load_state(files[0])
+        avg = load_state(files[0], mmap=True)  # only its sizes are read: a copy would count in the peak
     else: avg = average_checkpoints(files, kernel=kernel)
     print(json.dumps(dict(net=status('VmHWM:') - before, model=sum(t.numel()*t.element_size() for t in avg.values()),
                           largest=max(t.numel()*t.element_size() for t in avg.values()))))
@@ -256,3 +256,44 @@ def test_numba_kernel_matches_on_special_values_and_double_rounding_ties(tmp_pat
             bits = lambda t: t[~nan].view(torch.int16 if t.element_size() == 2 else torch.int32)
             assert torch.equal(bits(fast[key]), bits(slow[key])), (key, w, (bits(fast[key]) != bits(slow[key])).nonzero()[:5])
     assert average_checkpoints(files, kernel='numba')['tie'][0].item() == (1.0 if dtype == torch.bfloat16 else float(torch.tensor(1 + 2**-8 + 2**-40).float()))
+
+
+REWRITE_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from ckpt_avg.core import load_state
+    f, how, mmap = sys.argv[1], sys.argv[2], sys.argv[3] == 'mmap'
+    before = torch.load(f, weights_only=True)
+    sd = load_state(f, mmap=True) if mmap else load_state(f)
+    if how == 'truncate': open(f, 'r+b').truncate(0)
+    else: torch.save({k: torch.zeros_like(v) for k, v in before.items()}, f)  # rewritten in place, same size, other bytes
+    print(all(torch.equal(sd[k], before[k]) for k in before))  # reads every tensor
+''')
+
+@pytest.mark.parametrize('how', ['truncate', 'rewrite'])
+def test_load_state_survives_its_file_being_rewritten_in_place(tmp_path, how):
+    """`load_state` returns tensors of their own: the file can be truncated or rewritten in place (as `torch.save` or
+    `learn.save` onto its name do) and they keep their values. With mmap=True the same truncation kills the process
+    with SIGBUS, and a rewrite changes the tensors under the caller: the trap the default avoids (in a subprocess)"""
+    import signal
+    def run(mode):
+        f = tmp_path/f'{mode}.pth'
+        torch.save({'w': torch.randn(1<<16), 'b': torch.randn(7), 'n': torch.tensor(3)}, f)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+        return subprocess.run([sys.executable, '-c', REWRITE_SCRIPT, str(f), how, mode], env=env, capture_output=True, text=True, timeout=300)
+    safe = run('copy')
+    assert safe.returncode == 0 and safe.stdout.strip() == 'True', (safe.returncode, safe.stderr[-2000:])
+    mapped = run('mmap')
+    if how == 'truncate': assert mapped.returncode == -signal.SIGBUS, (mapped.returncode, mapped.stdout, mapped.stderr[-2000:])
+    else: assert mapped.returncode == 0 and mapped.stdout.strip() == 'False', (mapped.returncode, mapped.stderr[-2000:])
+
+
+def test_load_state_copies_keep_views_and_shared_storage(tmp_path):
+    "The copy is made storage by storage: tensors that shared one in the file share one copy, with their offsets and strides"
+    base = torch.arange(12.)
+    torch.save({'a': base, 'b': base[2:8].view(2, 3), 't': base.view(3, 4).t()}, tmp_path/'v.pth')
+    sd = load_state(tmp_path/'v.pth')
+    ref = torch.load(tmp_path/'v.pth', weights_only=True)
+    for k in ref: assert torch.equal(sd[k], ref[k]) and sd[k].stride() == ref[k].stride(), k
+    assert sd['a'].untyped_storage().data_ptr() == sd['b'].untyped_storage().data_ptr() == sd['t'].untyped_storage().data_ptr()
+    mapped = load_state(tmp_path/'v.pth', mmap=True)
+    assert sd['a'].untyped_storage().data_ptr() != mapped['a'].untyped_storage().data_ptr()
