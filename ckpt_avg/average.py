@@ -17,7 +17,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.tracker import SaveModelCallback
 from fastai.torch_core import rank_distrib, get_model
 from .manifest import Manifest, atomic_write, _now
-from .core import average_checkpoints
+from .core import average_checkpoints, plan_entries
 from .save import SaveEveryNCallback, TrainingFitCallback, training_fit, _savers
 from .strategies import check_strategy, select_checkpoints, greedy_soup, recompute_bn, _NEEDS_METRIC
 from .strategies import _direction
@@ -245,8 +245,9 @@ def _spans(entries)->str:
     return text[0] if len(runs) == 1 else '; '.join(f"fit {f}: {t}" for (f, _), t in zip(runs, text))
 
 @patch
-def _average(self:AverageCheckpointsCallback, entries, files, weights):
-    if self.strategy != 'soup': return entries, self._use(average_checkpoints(files, weights=weights))
+def _average(self:AverageCheckpointsCallback, plan):
+    entries, files = plan.entries, plan.files
+    if self.strategy != 'soup': return entries, self._use(average_checkpoints(plan))
     dl = self.holdout if self.holdout is not None else self.valid
     self.soup = greedy_soup(files, lambda s: self._score(dl), self.lower, prepare=self._use)
     return [entries[i] for i in self.soup.chosen], self.soup.state
@@ -262,20 +263,19 @@ def after_fit(self:AverageCheckpointsCallback):
         why = f" ({self.saver._why_no_saves()})" if self.saver is not None and not self.saver.saved else ''
         return warnings.warn(f"AverageLast({self.k}): no checkpoints of {where} to average; the model keeps its final weights{why}")
     entries, weights = select_checkpoints(self.pool, self.strategy, self.k, self.monitor, self.weights, self.decay, self.lower)
-    good = manifest.verify(entries, skip=self.skip_corrupt)  # before anything is loaded
-    if weights is not None: weights = [w for e, w in zip(entries, weights) if e in good]
-    entries = good
+    plan = plan_entries(manifest, entries, weights, skip_corrupt=self.skip_corrupt)  # verified, weights aligned, before anything is loaded
+    entries, weights = plan.entries, plan.given_weights
     if not entries:
         return warnings.warn(f"AverageLast({self.k}): every selected checkpoint of {where} failed its integrity check; the model keeps its final weights")
     if len(entries) < self.k:
         warnings.warn(f"AverageLast({self.k}): only {len(entries)} checkpoint(s) of {where} to average, fewer than k={self.k}")
-    files = [manifest.file(e) for e in entries]
+    files = list(plan.files)
     model = get_model(self.model)
     final = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}  # on the CPU: no second copy on the GPU
     self.final_is = self._final_is()
     try:
         with self._as_trained():
-            entries, state = self._average(entries, files, weights)
+            entries, state = self._average(plan)
             self._decide(final, state)
         self._save(manifest, entries, state, weights)
         model.load_state_dict(state if self.holds == 'average' else final)
