@@ -260,35 +260,41 @@ class _Mapping:
 _LOCAL = struct.Struct('<4sHHH4xIIIHH')  # a zip local header: signature, version, flags, method, (time, date), crc, sizes, name and extra lengths
 
 def _central_directory(mm, size):
-    "(offset, entries) of the zip central directory, from an end record that closes the file: nothing before or after the archive"
+    "(start, end, entries) of the zip central directory, from an end record that closes the file: nothing before or after the archive"
     end = size - 22
     if end < 0 or mm[end:end+4] != b'PK\x05\x06': raise _Refused("its zip end record is not at the end of the file (cut, or bytes appended)")
-    _, _, _, count, cd_size, cd_at, comment = struct.unpack('<HHHHIIH', mm[end+4:size])
+    disk, cd_disk, on_disk, count, cd_size, cd_at, comment = struct.unpack('<HHHHIIH', mm[end+4:size])
     if comment: raise _Refused("its zip end record claims a comment, which torch.save never writes")
+    if disk or cd_disk or on_disk != count: raise _Refused("its zip end record describes a multi-disk archive, which torch.save never writes")
     loc = end - 20
     if loc >= 56 and mm[loc:loc+4] == b'PK\x06\x07':  # zip64 (torch always writes it): a locator before the end record points to a 64-bit one
-        end64 = struct.unpack('<Q', mm[loc+8:loc+16])[0]
-        if end64 != loc - 56 or mm[end64:end64+4] != b'PK\x06\x06': raise _Refused("its zip64 end record is not where its locator says")
-        count64, _, size64, at64 = struct.unpack('<QQQQ', mm[end64+24:end64+56])
-        if (count, cd_size, cd_at) != (min(count64, 0xFFFF), min(size64, 0xFFFFFFFF), min(at64, 0xFFFFFFFF)):
+        disk, end64, disks = struct.unpack('<IQI', mm[loc+4:loc+20])
+        if disk or disks != 1 or end64 != loc - 56 or mm[end64:end64+4] != b'PK\x06\x06' or mm[end64+4:end64+24] != b'\x2c' + bytes(7) + mm[end64+12:end64+16] + bytes(8):
+            raise _Refused("its zip64 end record is not where its locator says, or describes a multi-disk archive")
+        on_disk64, count64, size64, at64 = struct.unpack('<QQQQ', mm[end64+24:end64+56])
+        if on_disk64 != count64 or (count, cd_size, cd_at) != (min(count64, 0xFFFF), min(size64, 0xFFFFFFFF), min(at64, 0xFFFFFFFF)):
             raise _Refused("its zip end record and zip64 end record disagree")
         count, cd_size, cd_at, end = count64, size64, at64, end64
     elif 0xFFFFFFFF in (cd_size, cd_at) or count == 0xFFFF: raise _Refused("its zip64 end record locator is missing")
     if cd_at + cd_size != end: raise _Refused("its zip central directory is not where its end record says (bytes inserted or removed)")
-    return cd_at, count
+    return cd_at, end, count
 
-def _zip_records(file, mm, size):
+def _zip_records(file, mm, size:int):
     "name -> (start, size) of every record, each checked against its local header, inside the archive and apart from the others"
-    cd_at, count = _central_directory(mm, size)
+    cd_at, cd_end, count = _central_directory(mm, size)
     infos = zipfile.ZipFile(file).infolist()
     if len(infos) != count: raise _Refused(f"its zip directory lists {len(infos)} records but its end record counts {count}")
     if len({i.filename.lower() for i in infos}) != count: raise _Refused("its zip directory names a record twice")
-    records, spans = {}, []
+    records, spans, entry = {}, [], cd_at
     for info in infos:
-        if info.flag_bits & 1 or info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-            raise _Refused(f"zip record {info.orig_filename!r} is compressed or encrypted, which torch.save never does")
+        if info.flag_bits & ~0x808 or info.volume or info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size \
+           or info.external_attr or info.internal_attr or info.comment:
+            raise _Refused(f"zip record {info.orig_filename!r} is compressed, encrypted, a folder or on another disk, which torch.save never writes")
         at, name = info.header_offset, info.orig_filename.encode('utf-8' if info.flag_bits & 0x800 else 'cp437')
         if info.filename != info.orig_filename: raise _Refused(f"zip record name {info.orig_filename!r} is not a plain path")
+        n, e, c = struct.unpack('<HHH', mm[entry+28:entry+34]) if entry + 46 <= cd_end else (0xFFFF,)*3
+        if mm[entry:entry+4] != b'PK\x01\x02' or mm[entry+46:entry+46+n] != name: raise _Refused(f"its zip directory entry of {info.filename!r} is damaged")
+        entry += 46 + n + e + c
         sig, _, _, method, _, _, _, n, e = _LOCAL.unpack(mm[at:at+30]) if at + 30 <= size else (b'',)*9
         if sig != b'PK\x03\x04' or method != 0 or mm[at+30:at+30+n] != name:
             raise _Refused(f"zip record {info.filename!r} has no matching local header where its directory entry points")
@@ -296,6 +302,7 @@ def _zip_records(file, mm, size):
         if start + info.file_size > cd_at: raise _Refused(f"zip record {info.filename!r} runs past the start of the zip directory")
         records[info.filename] = (start, info.file_size)
         spans.append((at, start + info.file_size, info.filename))
+    if entry != cd_end: raise _Refused("its zip directory entries do not fill the zip directory")
     spans.sort()
     if spans and spans[0][0] != 0: raise _Refused("its first zip record does not start the file")
     for (_, end, a), (at, _, b) in zip(spans, spans[1:]):
@@ -319,6 +326,8 @@ def _read_zip(file, mapping):
     version = next((raw(root+n) for n in ('.data/version', 'version') if root+n in records), None)
     if version is None or re.fullmatch(rb'[1-9]\n?', version) is None: raise _Refused(f"its version record is {version!r}, not one torch writes")
     if root+'byteorder' in records and raw(root+'byteorder') != b'little': raise _Refused("it is big-endian (or its byteorder record is damaged)")
+    for name, pattern in (('.format_version', rb'[1-9]'), ('.storage_alignment', rb'[1-9][0-9]{0,5}'), ('.data/serialization_id', rb'[0-9]{1,64}')):
+        if root+name in records and re.fullmatch(pattern, raw(root+name)) is None: raise _Refused(f"its {name} record is not one torch writes")
     data = raw(root+'data.pkl')
     end, _, storages = _scan_pickle(data, mapping.size)
     if end != len(data): raise _Refused("its pickle goes on after its STOP opcode")
