@@ -35,7 +35,7 @@ _NO = object()    # a value the pre-scan does not track
 _REDUCIBLE = {'collections.OrderedDict': 'odict', 'torch._utils._rebuild_tensor_v2': 'tensor', 'torch._utils._rebuild_parameter': 'tensor',
               'torch._utils._rebuild_parameter_with_state': 'tensor', 'fastcore.foundation.L': 'object', 'torch.Size': 'atom',
               'torch.device': 'atom', '_codecs.encode': 'atom', 'builtins.set': 'atom', 'torch.serialization._get_layout': 'atom'}
-_ARGS = {0x71: 1, 0x68: 1, 0x72: 4, 0x6a: 4, 0x4b: 1, 0x4d: 2, 0x4a: 4, 0x47: 8, 0x80: 1}  # BINPUT BINGET LONG_BINPUT LONG_BINGET BININT1 BININT2 BININT BINFLOAT PROTO
+_ARGS = {0x4b: 1, 0x4d: 2, 0x4a: 4, 0x47: 8, 0x80: 1}  # argument widths of BININT1 BININT2 BININT BINFLOAT PROTO
 
 def _allowed_globals():
     "GLOBALs a checkpoint may name: torch's weights-only set, storages, and fastai's `L` (fastai optimizers keep hyper-parameters in one)"
@@ -54,7 +54,9 @@ class _Scan:
         return self.data[i:self.i]
 
     def push(self, kind, value=_NO, items=()):
-        it = [kind, 1 + max((it[1] for it in items), default=0), 1 + sum(it[2] for it in items), value, False]
+        depth = size = 0
+        for it in items: depth, size = max(depth, it[1]), size + it[2]
+        it = [kind, depth + 1, size + 1, value, False]
         self.check(it)
         self.stack.append(it)
 
@@ -96,62 +98,77 @@ class _Scan:
 
     def run(self):
         "Scan one pickle from `at`; return (the position after its STOP, the value it would build, if tracked)"
-        while True:
-            op = self.arg(1)[0]
-            if op in _ARGS: a = self.arg(_ARGS[op])
-            if op in (0x71, 0x72):    # BINPUT, LONG_BINPUT
-                k = a[0] if op == 0x71 else struct.unpack('<I', a)[0]
-                if k > len(self.memo) or not self.stack or len(self.stack) == (self.marks[-1] if self.marks else 0):
-                    raise _Refused("its pickle stores a memo entry out of order, which torch.save never does")
-                self.memo[k] = self.stack[-1]
-            elif op in (0x68, 0x6a):  # BINGET, LONG_BINGET
-                k = a[0] if op == 0x68 else struct.unpack('<I', a)[0]
-                if k not in self.memo: raise _Refused("its pickle refers to a memo entry it never stored")
-                it = self.memo[k]; it[4] = True
-                self.stack.append(it)
-            elif op == 0x4b: self.push('atom', a[0])                          # BININT1
-            elif op == 0x4d: self.push('atom', struct.unpack('<H', a)[0])     # BININT2
-            elif op == 0x4a: self.push('atom', struct.unpack('<i', a)[0])     # BININT
-            elif op == 0x47: self.push('atom', struct.unpack('>d', a)[0])     # BINFLOAT
-            elif op == 0x58: self.push('atom', self.arg(struct.unpack('<I', self.arg(4))[0]).decode('utf-8', 'surrogatepass'))  # BINUNICODE
-            elif op == 0x55: self.push('atom', self.arg(self.arg(1)[0]).decode('utf-8'))  # SHORT_BINSTRING, as torch.load decodes it
-            elif op == 0x8a: self.push('atom', int.from_bytes(self.arg(self.arg(1)[0]), 'little', signed=True))  # LONG1
-            elif op in (0x4e, 0x88, 0x89): self.push('atom', {0x4e: None, 0x88: True, 0x89: False}[op])  # NONE, NEWTRUE, NEWFALSE
-            elif op == 0x28: self.marks.append(len(self.stack))               # MARK
-            elif op == 0x29: self.push('tuple', ())                            # EMPTY_TUPLE
-            elif op in (0x74, 0x85, 0x86, 0x87):                               # TUPLE, TUPLE1, TUPLE2, TUPLE3
-                items = self.pop_mark() if op == 0x74 else self.pop(op - 0x84)
-                values = tuple(it[3] for it in items)
-                self.push('tuple', _NO if _NO in values else values, items)
-            elif op == 0x7d: self.push('dict')                                 # EMPTY_DICT
-            elif op == 0x5d: self.push('list')                                 # EMPTY_LIST
-            elif op == 0x8f: self.push('atom')                                 # EMPTY_SET
-            elif op == 0x73: self.grow(('dict', 'odict'), self.pop(2), 'SETITEM')   # SETITEM
-            elif op == 0x75:                                                   # SETITEMS
-                items = self.pop_mark()
-                if len(items) % 2: raise _Refused("its pickle sets a dict item without a value")
-                self.grow(('dict', 'odict'), items, 'SETITEMS')
-            elif op == 0x61: self.grow(('list',), self.pop(), 'APPEND')      # APPEND
-            elif op == 0x65: self.grow(('list',), self.pop_mark(), 'APPENDS')  # APPENDS
-            elif op == 0x63:                                                   # GLOBAL
-                name = self._line() + '.' + self._line()
-                if name not in _GLOBALS: raise _Untrusted(f"GLOBAL {name}")
-                self.push('global', _GlobalName(name))
-            elif op in (0x52, 0x81):                                           # REDUCE, NEWOBJ
-                f, args = self.pop(2)
-                if f[0] != 'global' or args[0] != 'tuple': raise _Refused("its pickle calls something that is not a named function")
-                if f[3] not in _REDUCIBLE: raise _Untrusted(f"a call of {f[3]}")
-                self.push(_REDUCIBLE[f[3]], _NO, [args])
-            elif op == 0x62:                                                   # BUILD: only where torch.save writes it
-                state = self.pop()
-                if self.grow(('odict', 'object'), state, 'BUILD')[0] == 'odict' and state[0][0] != 'dict': raise _Refused("its pickle sets an OrderedDict's attributes from a non-dict")
-            elif op == 0x51: self.persistent(self.pop()[0])                    # BINPERSID
-            elif op == 0x80:                                                   # PROTO
-                if a[0] != 2 or self.stack or self.marks: raise _Refused(f"its pickle is of protocol {a[0]}, not the 2 torch.save writes")
-            elif op == 0x2e:                                                   # STOP
-                if self.marks or len(self.stack) != 1: raise _Refused("its pickle stops with an unfinished object: it is damaged")
-                return self.i, self.stack.pop()[3]
-            else: raise _Refused(f"its pickle holds opcode {bytes([op])!r}, which torch.save never writes")
+        data, n, stack, marks, memo, i = self.data, len(self.data), self.stack, self.marks, self.memo, self.i
+        while True:  # the frequent opcodes inline (half of a state dict's), the others one at a time in `step`
+            op = data[i] if i < n else None
+            if op == 0x71 or op == 0x72 or op == 0x68 or op == 0x6a:  # BINPUT, LONG_BINPUT, BINGET, LONG_BINGET
+                w = 1 if op == 0x71 or op == 0x68 else 4
+                if i + 1 + w > n: raise _Refused("its pickle ends in the middle of an opcode: the file is truncated")
+                k = data[i+1] if w == 1 else int.from_bytes(data[i+1:i+5], 'little')
+                if op == 0x71 or op == 0x72:
+                    if k > len(memo) or len(stack) == (marks[-1] if marks else 0):
+                        raise _Refused("its pickle stores a memo entry out of order, which torch.save never does")
+                    memo[k] = stack[-1]
+                else:
+                    it = memo.get(k)
+                    if it is None: raise _Refused("its pickle refers to a memo entry it never stored")
+                    it[4] = True  # referred to again: finished, never changed again
+                    stack.append(it)
+                i += 1 + w
+            elif op == 0x4b and i + 2 <= n: stack.append(['atom', 1, 1, data[i+1], False]); i += 2  # BININT1
+            elif op == 0x28: marks.append(len(stack)); i += 1                                          # MARK
+            elif op == 0x29: stack.append(['tuple', 1, 1, (), False]); i += 1                          # EMPTY_TUPLE
+            else:
+                self.i = i
+                done = self.step()
+                if done: return done
+                i = self.i
+
+    def step(self):
+        "Scan the one opcode at `self.i`; return (end, value) at STOP"
+        op = self.arg(1)[0]
+        if op in _ARGS: a = self.arg(_ARGS[op])
+        if op == 0x4b: self.push('atom', a[0])                            # BININT1 (at the very end: truncated)
+        elif op == 0x4d: self.push('atom', struct.unpack('<H', a)[0])     # BININT2
+        elif op == 0x4a: self.push('atom', struct.unpack('<i', a)[0])     # BININT
+        elif op == 0x47: self.push('atom', struct.unpack('>d', a)[0])     # BINFLOAT
+        elif op == 0x58: self.push('atom', self.arg(struct.unpack('<I', self.arg(4))[0]).decode('utf-8', 'surrogatepass'))  # BINUNICODE
+        elif op == 0x55: self.push('atom', self.arg(self.arg(1)[0]).decode('utf-8'))  # SHORT_BINSTRING, as torch.load decodes it
+        elif op == 0x8a: self.push('atom', int.from_bytes(self.arg(self.arg(1)[0]), 'little', signed=True))  # LONG1
+        elif op in (0x4e, 0x88, 0x89): self.push('atom', {0x4e: None, 0x88: True, 0x89: False}[op])  # NONE, NEWTRUE, NEWFALSE
+        elif op in (0x74, 0x85, 0x86, 0x87):                               # TUPLE, TUPLE1, TUPLE2, TUPLE3
+            items = self.pop_mark() if op == 0x74 else self.pop(op - 0x84)
+            values = tuple(it[3] for it in items)
+            self.push('tuple', _NO if _NO in values else values, items)
+        elif op == 0x7d: self.push('dict')                                 # EMPTY_DICT
+        elif op == 0x5d: self.push('list')                                 # EMPTY_LIST
+        elif op == 0x8f: self.push('atom')                                 # EMPTY_SET
+        elif op == 0x73: self.grow(('dict', 'odict'), self.pop(2), 'SETITEM')   # SETITEM
+        elif op == 0x75:                                                   # SETITEMS
+            items = self.pop_mark()
+            if len(items) % 2: raise _Refused("its pickle sets a dict item without a value")
+            self.grow(('dict', 'odict'), items, 'SETITEMS')
+        elif op == 0x61: self.grow(('list',), self.pop(), 'APPEND')      # APPEND
+        elif op == 0x65: self.grow(('list',), self.pop_mark(), 'APPENDS')  # APPENDS
+        elif op == 0x63:                                                   # GLOBAL
+            name = self._line() + '.' + self._line()
+            if name not in _GLOBALS: raise _Untrusted(f"GLOBAL {name}")
+            self.push('global', _GlobalName(name))
+        elif op in (0x52, 0x81):                                           # REDUCE, NEWOBJ
+            f, args = self.pop(2)
+            if f[0] != 'global' or args[0] != 'tuple': raise _Refused("its pickle calls something that is not a named function")
+            if f[3] not in _REDUCIBLE: raise _Untrusted(f"a call of {f[3]}")
+            self.push(_REDUCIBLE[f[3]], _NO, [args])
+        elif op == 0x62:                                                   # BUILD: only where torch.save writes it
+            state = self.pop()
+            if self.grow(('odict', 'object'), state, 'BUILD')[0] == 'odict' and state[0][0] != 'dict': raise _Refused("its pickle sets an OrderedDict's attributes from a non-dict")
+        elif op == 0x51: self.persistent(self.pop()[0])                    # BINPERSID
+        elif op == 0x80:                                                   # PROTO
+            if a[0] != 2 or self.stack or self.marks: raise _Refused(f"its pickle is of protocol {a[0]}, not the 2 torch.save writes")
+        elif op == 0x2e:                                                   # STOP
+            if self.marks or len(self.stack) != 1: raise _Refused("its pickle stops with an unfinished object: it is damaged")
+            return self.i, self.stack.pop()[3]
+        else: raise _Refused(f"its pickle holds opcode {bytes([op])!r}, which torch.save never writes")
 
     def _line(self):
         j = self.data.find(b'\n', self.i)

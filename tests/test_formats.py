@@ -233,7 +233,7 @@ def run_isolated(code, tmp_path):
 
 
 def test_a_deeply_nested_pickle_is_refused_without_crashing(tmp_path):
-    f = torch_zip(tmp_path/'deep.pth', pkl=b'\x80\x02)' + b'\x85' * 1_000_000 + b'.')  # a 1 MB tuple nested 1,000,000 deep
+    f = torch_zip(tmp_path/'deep.pth', pkl=b'\x80\x02})' + b'\x85' * 1_000_000 + b'K\x01s.')  # {1 MB tuple nested 1,000,000 deep: 1}
     r = run_isolated(f"from ckpt_avg.formats import read_checkpoint, CheckpointError\ntry: read_checkpoint({str(f)!r})\n"
                      "except CheckpointError as e: print('refused:', e)", tmp_path)
     assert r.returncode == 0, f"the reader crashed (exit code {r.returncode}): {r.stderr[-500:]}"
@@ -241,7 +241,7 @@ def test_a_deeply_nested_pickle_is_refused_without_crashing(tmp_path):
 
 
 def test_a_huge_memo_index_takes_no_memory(tmp_path):
-    pkl = b'\x80\x02}r\xff\xff\xff\x7f.'  # an empty dict stored at memo index 2**31-1
+    pkl = b'\x80\x02}r\x01\x00\x00\x04.'  # an empty dict stored at memo index 2**26+1: CPython's unpickler sizes its memo by the index
     f = torch_zip(tmp_path/'memo.pth', pkl=pkl)
     assert f.stat().st_size < 2000
     r = run_isolated(f"import resource\nfrom ckpt_avg.formats import read_checkpoint, CheckpointError\n"
