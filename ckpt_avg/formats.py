@@ -88,8 +88,9 @@ class _Scan:
 
     def persistent(self, pid):
         v = pid[3]
-        if pid[0] != 'tuple' or not isinstance(v, tuple) or len(v) not in (5, 6) or v[0] != 'storage' or v[1] not in _ITEMSIZE \
-           or type(v[1]) is not _GlobalName or type(v[2]) is not str or type(v[3]) is not str or type(v[4]) is not int or v[4] < 0 or v[5:] not in ((), (None,)):
+        storage = isinstance(v, tuple) and len(v) in (5, 6) and v[0] == 'storage' and type(v[1]) is _GlobalName and v[1] in _ITEMSIZE
+        if pid[0] != 'tuple' or not storage or type(v[2]) is not str or type(v[3]) is not str or type(v[4]) is not int or v[4] < 0 \
+           or v[5:] not in ((), (None,)):  # ('storage', type, key, location, numel), and a None view in legacy files
             raise _Refused("its pickle refers to something other than a tensor storage")
         nbytes = v[4] * _ITEMSIZE[v[1]]
         if nbytes > self.limit: raise _Refused(f"a storage of {nbytes:,} bytes cannot be in a file of {self.limit:,}")
@@ -161,7 +162,8 @@ class _Scan:
             self.push(_REDUCIBLE[f[3]], _NO, [args])
         elif op == 0x62:                                                   # BUILD: only where torch.save writes it
             state = self.pop()
-            if self.grow(('odict', 'object'), state, 'BUILD')[0] == 'odict' and state[0][0] != 'dict': raise _Refused("its pickle sets an OrderedDict's attributes from a non-dict")
+            if self.grow(('odict', 'object'), state, 'BUILD')[0] == 'odict' and state[0][0] != 'dict':
+                raise _Refused("its pickle sets an OrderedDict's attributes from a non-dict")
         elif op == 0x51: self.persistent(self.pop()[0])                    # BINPERSID
         elif op == 0x80:                                                   # PROTO
             if a[0] != 2 or self.stack or self.marks: raise _Refused(f"its pickle is of protocol {a[0]}, not the 2 torch.save writes")
@@ -286,7 +288,8 @@ def _central_directory(mm, size):
     loc = end - 20
     if loc >= 56 and mm[loc:loc+4] == b'PK\x06\x07':  # zip64 (torch always writes it): a locator before the end record points to a 64-bit one
         disk, end64, disks = struct.unpack('<IQI', mm[loc+4:loc+20])
-        if disk or disks != 1 or end64 != loc - 56 or mm[end64:end64+4] != b'PK\x06\x06' or mm[end64+4:end64+24] != b'\x2c' + bytes(7) + mm[end64+12:end64+16] + bytes(8):
+        record = b'PK\x06\x06' + b'\x2c' + bytes(7) + mm[end64+12:end64+16] + bytes(8)  # 56 bytes long, any versions, disks 0
+        if disk or disks != 1 or end64 != loc - 56 or mm[end64:end64+24] != record:
             raise _Refused("its zip64 end record is not where its locator says, or describes a multi-disk archive")
         on_disk64, count64, size64, at64 = struct.unpack('<QQQQ', mm[end64+24:end64+56])
         if on_disk64 != count64 or (count, cd_size, cd_at) != (min(count64, 0xFFFF), min(size64, 0xFFFFFFFF), min(at64, 0xFFFFFFFF)):
