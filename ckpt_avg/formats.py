@@ -35,6 +35,7 @@ _NO = object()    # a value the pre-scan does not track
 _REDUCIBLE = {'collections.OrderedDict': 'odict', 'torch._utils._rebuild_tensor_v2': 'tensor', 'torch._utils._rebuild_parameter': 'tensor',
               'torch._utils._rebuild_parameter_with_state': 'tensor', 'fastcore.foundation.L': 'object', 'torch.Size': 'atom',
               'torch.device': 'atom', '_codecs.encode': 'atom', 'builtins.set': 'atom', 'torch.serialization._get_layout': 'atom'}
+_ATOMS = {0x4e: None, 0x88: True, 0x89: False}  # NONE, NEWTRUE, NEWFALSE
 _ARGS = {0x4b: 1, 0x4d: 2, 0x4a: 4, 0x47: 8, 0x80: 1}  # argument widths of BININT1 BININT2 BININT BINFLOAT PROTO
 
 def _allowed_globals():
@@ -117,6 +118,11 @@ class _Scan:
                     stack.append(it)
                 i += 1 + w
             elif op == 0x4b and i + 2 <= n: stack.append(['atom', 1, 1, data[i+1], False]); i += 2  # BININT1
+            elif op == 0x4d and i + 3 <= n: stack.append(['atom', 1, 1, data[i+1] | data[i+2] << 8, False]); i += 3  # BININT2
+            elif op == 0x58 and i + 5 <= n and i + 5 + int.from_bytes(data[i+1:i+5], 'little') <= n:  # BINUNICODE, decoded as torch.load does
+                j = i + 5 + int.from_bytes(data[i+1:i+5], 'little')
+                stack.append(['atom', 1, 1, data[i+5:j].decode('utf-8', 'surrogatepass'), False]); i = j
+            elif op == 0x4e or op == 0x88 or op == 0x89: stack.append(['atom', 1, 1, _ATOMS[op], False]); i += 1  # NONE, NEWTRUE, NEWFALSE
             elif op == 0x28: marks.append(len(stack)); i += 1                                          # MARK
             elif op == 0x29: stack.append(['tuple', 1, 1, (), False]); i += 1                          # EMPTY_TUPLE
             else:
@@ -136,7 +142,6 @@ class _Scan:
         elif op == 0x58: self.push('atom', self.arg(struct.unpack('<I', self.arg(4))[0]).decode('utf-8', 'surrogatepass'))  # BINUNICODE
         elif op == 0x55: self.push('atom', self.arg(self.arg(1)[0]).decode('utf-8'))  # SHORT_BINSTRING, as torch.load decodes it
         elif op == 0x8a: self.push('atom', int.from_bytes(self.arg(self.arg(1)[0]), 'little', signed=True))  # LONG1
-        elif op in (0x4e, 0x88, 0x89): self.push('atom', {0x4e: None, 0x88: True, 0x89: False}[op])  # NONE, NEWTRUE, NEWFALSE
         elif op in (0x74, 0x85, 0x86, 0x87):                               # TUPLE, TUPLE1, TUPLE2, TUPLE3
             items = self.pop_mark() if op == 0x74 else self.pop(op - 0x84)
             values = tuple(it[3] for it in items)
