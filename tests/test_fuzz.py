@@ -17,7 +17,7 @@ SECONDS, SEED = float(os.environ.get('FUZZ_SECONDS', 45)), int(os.environ.get('F
 def seeds(tmp_path_factory):
     "Real files: fastai saves of a short digits training (with and without optimizer, and SaveEvery's), torch and safetensors files"
     from ckpt_avg.demo import digits_learner
-    from ckpt_avg.formats import write_checkpoint
+    from ckpt_avg.formats import read_checkpoint, write_checkpoint
     from ckpt_avg.save import SaveEvery
     d = tmp_path_factory.mktemp('seeds')
     learn = digits_learner(path=d)
@@ -25,10 +25,12 @@ def seeds(tmp_path_factory):
     models = d/'models'
     learn.save('with_opt', with_opt=True); learn.save('no_opt', with_opt=False)
     sd = learn.model.state_dict()
+    torch.manual_seed(0)
     small = {'w': torch.randn(3, 4), 'b': torch.arange(3), 'h': torch.randn(5).half(), 't': torch.randn(4, 2).t(), 'e': torch.zeros(0, 3)}
     torch.save(sd, models/'state_dict.pth')
     torch.save(small, models/'small.pth')
     torch.save(small, models/'legacy.pth', _use_new_zipfile_serialization=False)
+    torch.save({'model': small, 'opt': {'shape': torch.Size([3, 4])}}, models/'via_torch_load.pth')  # torch.Size: read by torch.load
     write_checkpoint(sd, models/'ours.pth', 'fastai')
     small.pop('t')  # safetensors stores contiguous tensors only
     safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()}, models/'theirs.safetensors')
@@ -36,6 +38,7 @@ def seeds(tmp_path_factory):
     write_checkpoint(sd, models/'ours.safetensors', 'safetensors')
     files = sorted(p for p in models.iterdir() if p.suffix in ('.pth', '.safetensors'))
     assert any(p.name.startswith('ckpt_') for p in files)  # SaveEvery's file is among them
+    assert read_checkpoint(models/'via_torch_load.pth').mapping is None  # one seed takes the torch.load path (pre-scanned)
     return [(p, 'safetensors' if p.suffix == '.safetensors' else 'legacy' if p.name == 'legacy.pth' else 'zip') for p in files]
 
 
