@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_formats.ipynb #248fab2c
 from __future__ import annotations
-import collections, io, json, math, mmap, os, pickle, struct, sys, zipfile
+import collections, io, json, math, mmap, os, pickle, re, struct, sys, zipfile
 from pathlib import Path
 import torch
 from .manifest import atomic_write
@@ -19,6 +19,181 @@ _all_ = ['CheckpointError']
 _STORAGES = {'Float':'float32', 'Double':'float64', 'Half':'float16', 'BFloat16':'bfloat16', 'Long':'int64', 'Int':'int32',
              'Short':'int16', 'Char':'int8', 'Byte':'uint8', 'Bool':'bool', 'ComplexFloat':'complex64', 'ComplexDouble':'complex128'}
 _STORAGES = {f'{k}Storage': getattr(torch, v) for k,v in _STORAGES.items()}
+_ITEMSIZE = {f'torch.{k}': v.itemsize for k,v in _STORAGES.items()} | {'torch.UntypedStorage': 1}
+
+class _Refused(Exception):
+    "What is wrong with a file's content; `read_checkpoint` turns it into a `CheckpointError` that names the file"
+
+class _Untrusted(_Refused):
+    "A pickle naming a function or class outside the weights-only set: loading it could run code"
+
+class _GlobalName(str):
+    "The value of a GLOBAL opcode, as the pre-scan tracks it (a plain string in the pickle is never one)"
+
+_MAX_DEPTH = 100  # containers nested deeper than this are refused: state dicts nest < 10 deep; CPython's recursive hash crashes near 100,000
+_NO = object()    # a value the pre-scan does not track
+_REDUCIBLE = {'collections.OrderedDict': 'odict', 'torch._utils._rebuild_tensor_v2': 'tensor', 'torch._utils._rebuild_parameter': 'tensor',
+              'torch._utils._rebuild_parameter_with_state': 'tensor', 'fastcore.foundation.L': 'object', 'torch.Size': 'atom',
+              'torch.device': 'atom', '_codecs.encode': 'atom', 'builtins.set': 'atom', 'torch.serialization._get_layout': 'atom'}
+_ATOMS = {0x4e: None, 0x88: True, 0x89: False}  # NONE, NEWTRUE, NEWFALSE
+_ARGS = {0x4b: 1, 0x4d: 2, 0x4a: 4, 0x47: 8, 0x80: 1}  # argument widths of BININT1 BININT2 BININT BINFLOAT PROTO
+
+def _allowed_globals():
+    "GLOBALs a checkpoint may name: torch's weights-only set, storages, and fastai's `L` (fastai optimizers keep hyper-parameters in one)"
+    import torch._weights_only_unpickler as w
+    return set(w._get_allowed_globals()) | set(_ITEMSIZE) | {'fastcore.foundation.L'}
+
+class _Scan:
+    "Simulates a pickle's stack without building anything: which opcodes, how deep, how big, which storages; refuses the unexpected"
+    def __init__(self, data, at, limit):
+        self.data, self.i, self.limit, self.cap = data, at, limit, 8*limit + 1024
+        self.stack, self.marks, self.memo, self.storages = [], [], {}, {}
+
+    def arg(self, n):
+        i, self.i = self.i, self.i + n
+        if self.i > len(self.data): raise _Refused("its pickle ends in the middle of an opcode: the file is truncated")
+        return self.data[i:self.i]
+
+    def push(self, kind, value=_NO, items=()):
+        depth = size = 0
+        for it in items: depth, size = max(depth, it[1]), size + it[2]
+        it = [kind, depth + 1, size + 1, value, False]
+        self.check(it)
+        self.stack.append(it)
+
+    def pop(self, n=1):
+        lo = self.marks[-1] if self.marks else 0
+        if len(self.stack) - lo < n: raise _Refused("its pickle takes more objects than it pushed: it is damaged")
+        items = self.stack[len(self.stack)-n:]
+        del self.stack[len(self.stack)-n:]
+        for it in items: it[4] = True  # now part of another object (or a call): never changed again
+        return items
+
+    def pop_mark(self):
+        if not self.marks: raise _Refused("its pickle closes a MARK it never opened: it is damaged")
+        return self.pop(len(self.stack) - self.marks.pop())
+
+    def check(self, it):
+        if it[1] > _MAX_DEPTH: raise _Refused(f"its pickle nests objects more than {_MAX_DEPTH} deep, which no checkpoint does")
+        if it[2] > self.cap: raise _Refused("its pickle refers to shared objects so often that it would expand far beyond the file's size")
+
+    def grow(self, kinds, items, what):
+        "The object under `items` (popped), which `what` fills: it must be of `kinds` and not yet part of another object"
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0): raise _Refused(f"its pickle applies {what} to nothing: it is damaged")
+        t = self.stack[-1]
+        if t[0] not in kinds or t[4]: raise _Refused(f"its pickle applies {what} to an object torch.save never applies it to")
+        if items:
+            t[1], t[2] = max(t[1], 1 + max(it[1] for it in items)), t[2] + sum(it[2] for it in items)
+            self.check(t)
+        return t
+
+    def persistent(self, pid):
+        v = pid[3]
+        storage = isinstance(v, tuple) and len(v) in (5, 6) and v[0] == 'storage' and type(v[1]) is _GlobalName and v[1] in _ITEMSIZE
+        if pid[0] != 'tuple' or not storage or type(v[2]) is not str or type(v[3]) is not str or type(v[4]) is not int or v[4] < 0 \
+           or v[5:] not in ((), (None,)):  # ('storage', type, key, location, numel), and a None view in legacy files
+            raise _Refused("its pickle refers to something other than a tensor storage")
+        nbytes = v[4] * _ITEMSIZE[v[1]]
+        if nbytes > self.limit: raise _Refused(f"a storage of {nbytes:,} bytes cannot be in a file of {self.limit:,}")
+        if self.storages.setdefault(v[2], (v[1], nbytes)) != (v[1], nbytes): raise _Refused(f"storage {v[2]!r} is used with two dtypes or sizes")
+        self.push('storage')
+
+    def run(self):
+        "Scan one pickle from `at`; return (the position after its STOP, the value it would build, if tracked)"
+        data, n, stack, marks, memo, i = self.data, len(self.data), self.stack, self.marks, self.memo, self.i
+        while True:  # the frequent opcodes inline (half of a state dict's), the others one at a time in `step`
+            op = data[i] if i < n else None
+            if op == 0x71 or op == 0x72 or op == 0x68 or op == 0x6a:  # BINPUT, LONG_BINPUT, BINGET, LONG_BINGET
+                w = 1 if op == 0x71 or op == 0x68 else 4
+                if i + 1 + w > n: raise _Refused("its pickle ends in the middle of an opcode: the file is truncated")
+                k = data[i+1] if w == 1 else int.from_bytes(data[i+1:i+5], 'little')
+                if op == 0x71 or op == 0x72:
+                    if k > len(memo) or len(stack) == (marks[-1] if marks else 0):
+                        raise _Refused("its pickle stores a memo entry out of order, which torch.save never does")
+                    memo[k] = stack[-1]
+                else:
+                    it = memo.get(k)
+                    if it is None: raise _Refused("its pickle refers to a memo entry it never stored")
+                    it[4] = True  # referred to again: finished, never changed again
+                    stack.append(it)
+                i += 1 + w
+            elif op == 0x4b and i + 2 <= n: stack.append(['atom', 1, 1, data[i+1], False]); i += 2  # BININT1
+            elif op == 0x4d and i + 3 <= n: stack.append(['atom', 1, 1, data[i+1] | data[i+2] << 8, False]); i += 3  # BININT2
+            elif op == 0x58 and i + 5 <= n and i + 5 + int.from_bytes(data[i+1:i+5], 'little') <= n:  # BINUNICODE, decoded as torch.load does
+                j = i + 5 + int.from_bytes(data[i+1:i+5], 'little')
+                stack.append(['atom', 1, 1, data[i+5:j].decode('utf-8', 'surrogatepass'), False]); i = j
+            elif op == 0x4e or op == 0x88 or op == 0x89: stack.append(['atom', 1, 1, _ATOMS[op], False]); i += 1  # NONE, NEWTRUE, NEWFALSE
+            elif op == 0x28: marks.append(len(stack)); i += 1                                          # MARK
+            elif op == 0x29: stack.append(['tuple', 1, 1, (), False]); i += 1                          # EMPTY_TUPLE
+            else:
+                self.i = i
+                done = self.step()
+                if done: return done
+                i = self.i
+
+    def step(self):
+        "Scan the one opcode at `self.i`; return (end, value) at STOP"
+        op = self.arg(1)[0]
+        if op in _ARGS: a = self.arg(_ARGS[op])
+        if op == 0x4b: self.push('atom', a[0])                            # BININT1 (at the very end: truncated)
+        elif op == 0x4d: self.push('atom', struct.unpack('<H', a)[0])     # BININT2
+        elif op == 0x4a: self.push('atom', struct.unpack('<i', a)[0])     # BININT
+        elif op == 0x47: self.push('atom', struct.unpack('>d', a)[0])     # BINFLOAT
+        elif op == 0x58: self.push('atom', self.arg(struct.unpack('<I', self.arg(4))[0]).decode('utf-8', 'surrogatepass'))  # BINUNICODE
+        elif op == 0x55: self.push('atom', self.arg(self.arg(1)[0]).decode('utf-8'))  # SHORT_BINSTRING, as torch.load decodes it
+        elif op == 0x8a: self.push('atom', int.from_bytes(self.arg(self.arg(1)[0]), 'little', signed=True))  # LONG1
+        elif op in (0x74, 0x85, 0x86, 0x87):                               # TUPLE, TUPLE1, TUPLE2, TUPLE3
+            items = self.pop_mark() if op == 0x74 else self.pop(op - 0x84)
+            values = tuple(it[3] for it in items)
+            self.push('tuple', _NO if _NO in values else values, items)
+        elif op == 0x7d: self.push('dict')                                 # EMPTY_DICT
+        elif op == 0x5d: self.push('list')                                 # EMPTY_LIST
+        elif op == 0x8f: self.push('atom')                                 # EMPTY_SET
+        elif op == 0x73: self.grow(('dict', 'odict'), self.pop(2), 'SETITEM')   # SETITEM
+        elif op == 0x75:                                                   # SETITEMS
+            items = self.pop_mark()
+            if len(items) % 2: raise _Refused("its pickle sets a dict item without a value")
+            self.grow(('dict', 'odict'), items, 'SETITEMS')
+        elif op == 0x61: self.grow(('list',), self.pop(), 'APPEND')      # APPEND
+        elif op == 0x65: self.grow(('list',), self.pop_mark(), 'APPENDS')  # APPENDS
+        elif op == 0x63:                                                   # GLOBAL
+            name = self._line() + '.' + self._line()
+            if name not in _GLOBALS: raise _Untrusted(f"GLOBAL {name}")
+            self.push('global', _GlobalName(name))
+        elif op in (0x52, 0x81):                                           # REDUCE, NEWOBJ
+            f, args = self.pop(2)
+            if f[0] != 'global' or args[0] != 'tuple': raise _Refused("its pickle calls something that is not a named function")
+            if f[3] not in _REDUCIBLE: raise _Untrusted(f"a call of {f[3]}")
+            self.push(_REDUCIBLE[f[3]], _NO, [args])
+        elif op == 0x62:                                                   # BUILD: only where torch.save writes it
+            state = self.pop()
+            if self.grow(('odict', 'object'), state, 'BUILD')[0] == 'odict' and state[0][0] != 'dict':
+                raise _Refused("its pickle sets an OrderedDict's attributes from a non-dict")
+        elif op == 0x51: self.persistent(self.pop()[0])                    # BINPERSID
+        elif op == 0x80:                                                   # PROTO
+            if a[0] != 2 or self.stack or self.marks: raise _Refused(f"its pickle is of protocol {a[0]}, not the 2 torch.save writes")
+        elif op == 0x2e:                                                   # STOP
+            if self.marks or len(self.stack) != 1: raise _Refused("its pickle stops with an unfinished object: it is damaged")
+            return self.i, self.stack.pop()[3]
+        else: raise _Refused(f"its pickle holds opcode {bytes([op])!r}, which torch.save never writes")
+
+    def _line(self):
+        j = self.data.find(b'\n', self.i)
+        if j < 0: raise _Refused("its pickle ends in the middle of a name: the file is truncated")
+        return self.arg(j + 1 - self.i)[:-1].decode('utf-8')
+
+_GLOBALS = _allowed_globals()
+
+def _scan_pickle(data, limit:int, at:int=0):
+    "Pre-scan the pickle at `at` in `data` before anything unpickles it; return (end, value or `_NO`, storages: key -> (type, bytes))"
+    s = _Scan(data, at, limit)
+    end, value = s.run()
+    return end, value, s.storages
+
+class _StorageRef:
+    "A storage record of a torch zip file, as our unpickler's persistent ids resolve"
+    __slots__ = ('key', 'dtype', 'numel')
+    def __init__(self, key, dtype, numel): self.key,self.dtype,self.numel = key,dtype,numel
 
 class _Lazy:
     "A tensor of a torch zip file, not yet mapped: its storage record, dtype, offset, shape and strides"
@@ -30,20 +205,52 @@ class _Inert:
     def __init__(self, *args, **kwargs): pass
     def __setstate__(self, state): pass
 
-def _rebuild_tensor(storage, offset, shape, stride, requires_grad=False, hooks=None, metadata=None):
-    return _Lazy(storage[0], storage[1], offset, tuple(shape), tuple(stride))
+def _ints(o, what):
+    if type(o) is not tuple or any(type(v) is not int or v < 0 for v in o): raise _Refused(f"a tensor's {what} {o!r} is not a tuple of ints >= 0")
+    return o
+
+def _check_layout(shape, stride, offset, available):
+    "Refuse a tensor that needs elements past the `available` ones of its storage, or whose elements overlap (expanded)"
+    if math.prod(shape) == 0:
+        if offset > available: raise _Refused(f"an empty tensor starts past the end of its storage")
+        return
+    reach = 0  # elements spanned by the dims taken so far, minus one
+    for st, n in sorted((st, n) for n, st in zip(shape, stride) if n > 1):
+        if st <= reach: raise _Refused(f"a tensor of shape {tuple(shape)} and strides {tuple(stride)} has elements that overlap "
+                                       "(expanded or self-overlapping), which no trained weight has")
+        reach += (n - 1) * st
+    if offset + reach + 1 > available:
+        raise _Refused(f"a tensor of shape {tuple(shape)} needs more bytes than its storage record holds (a 0-byte or cut record)")
+
+def _rebuild_tensor(storage, offset, shape, stride, requires_grad, hooks, metadata=None):
+    if type(storage) is not _StorageRef or type(offset) is not int or offset < 0: raise _Refused("a tensor is not built from a storage and an offset")
+    _ints(shape, 'shape'); _ints(stride, 'strides')
+    if len(shape) != len(stride): raise _Refused(f"a tensor has shape {shape} but strides {stride}")
+    if type(requires_grad) is not bool or requires_grad and not (storage.dtype.is_floating_point or storage.dtype.is_complex):
+        raise _Refused(f"a tensor has requires_grad={requires_grad!r}, which torch refuses for {storage.dtype}")
+    if type(hooks) is not collections.OrderedDict or hooks or metadata not in (None, {}):
+        raise _Refused("a tensor carries backward hooks or metadata, which torch.save never writes for a plain tensor")
+    _check_layout(shape, stride, offset, storage.numel)
+    return _Lazy(storage.key, storage.dtype, offset, shape, stride)
+
+def _rebuild_parameter(data, requires_grad, hooks):
+    if type(data) is not _Lazy or type(requires_grad) is not bool or type(hooks) is not collections.OrderedDict or hooks:
+        raise _Refused("a parameter is not built from a tensor, a bool and no hooks")
+    if requires_grad and not (data.dtype.is_floating_point or data.dtype.is_complex): raise _Refused(f"an integer parameter requires grad")
+    return data
+
+class _NotOurs(Exception): "A name torch.load reads but our unpickler does not: let torch.load (pre-scanned) read the file"
 
 class _WeightsUnpickler(pickle.Unpickler):
-    "Builds only dicts, lists, numbers, strings and lazy tensors: any other name in the pickle is refused"
+    "Builds only dicts, lists, numbers, strings and lazy tensors, from a pre-scanned pickle; any other name goes to torch.load"
     _names = {('collections','OrderedDict'): collections.OrderedDict, ('torch._utils','_rebuild_tensor_v2'): _rebuild_tensor,
-              ('torch._utils','_rebuild_parameter'): lambda t, requires_grad, hooks: t, ('fastcore.foundation','L'): _Inert}
+              ('torch._utils','_rebuild_parameter'): _rebuild_parameter, ('fastcore.foundation','L'): _Inert}
     def find_class(self, module, name):
         if module == 'torch' and name in _STORAGES: return _STORAGES[name]
         try: return self._names[(module, name)]
-        except KeyError: raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}") from None
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'): raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-        return (pid[2], pid[1])  # record key, dtype
+        except KeyError: raise _NotOurs(f"{module}.{name}") from None
+    def persistent_load(self, pid):  # the pre-scan checked its shape and the size of its record
+        return _StorageRef(pid[2], pid[1], pid[4])
 
 # %% ../nbs/07_formats.ipynb #ac4dd8d7
 _PAGE = mmap.PAGESIZE
@@ -53,93 +260,190 @@ class _Mapping:
     "A file mapped into memory, cut into tensors; pages of those tensors can be given back after use"
     def __init__(self, file):
         self.size = os.path.getsize(file)
+        if self.size == 0: raise _Refused("it is empty")
         with open(file, 'rb') as f: self.mm = mmap.mmap(f.fileno(), self.size, access=mmap.ACCESS_COPY)
         self.storage = torch.frombuffer(self.mm, dtype=torch.uint8).untyped_storage()
         self.lo = self.storage.data_ptr()
 
     def tensor(self, start, nbytes, dtype, offset, shape, stride):
-        if start < 0 or start + nbytes > self.size: raise CheckpointError("a tensor's bytes lie past the end of the file: it is truncated")
-        t = torch.empty(0, dtype=dtype)
-        if nbytes: t.set_(self.storage[start:start+nbytes], offset, shape, stride)
-        else: t = torch.empty(shape, dtype=dtype)
-        return t
+        "The tensor of `shape` and `stride` at element `offset` of the record of `nbytes` at `start`: only ever inside that record"
+        if start < 0 or nbytes < 0 or start + nbytes > self.size: raise _Refused("a tensor's bytes lie past the end of the file: it is truncated")
+        if nbytes % dtype.itemsize: raise _Refused(f"a record of {nbytes} bytes does not hold whole {dtype} elements")
+        _check_layout(shape, stride, offset, nbytes // dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(self.storage[start:start+nbytes], offset, shape, stride)
 
     def advise(self, t, advice):
         "`madvise` the whole pages under tensor `t` (a tensor of this mapping)"
         a = t.data_ptr() - self.lo
         if not (0 <= a <= self.size) or t.numel() == 0: return
-        lo, hi = a // _PAGE * _PAGE, min(a + t.numel()*t.element_size(), self.size)  # `t` is contiguous: a flat slice
+        span = 1 + sum((n-1)*st for n, st in zip(t.shape, t.stride()))  # in elements: the tensor never overlaps itself
+        lo, hi = a // _PAGE * _PAGE, min(a + span*t.element_size(), self.size)
         if hi > lo: self.mm.madvise(advice, lo, hi - lo)
 
 # %% ../nbs/07_formats.ipynb #53038cd9
-def _record_start(z, f, info):
-    "Offset in the file of a stored (uncompressed) zip record's bytes"
-    if info.compress_type != zipfile.ZIP_STORED: raise CheckpointError("compressed zip record")
-    f.seek(info.header_offset)
-    h = f.read(30)
-    if len(h) < 30 or h[:4] != b'PK\x03\x04': raise CheckpointError("bad zip local header")
-    n, e = struct.unpack('<HH', h[26:30])
-    return info.header_offset + 30 + n + e
+_LOCAL = struct.Struct('<4sHHH4xIIIHH')  # a zip local header: signature, version, flags, method, (time, date), crc, sizes, name and extra lengths
 
-def _read_zip(file):
-    z = zipfile.ZipFile(file)
-    names = set(z.namelist())
-    def raw(name):  # not `z.read`: torch may write the zip without CRC32s, which zipfile would reject
-        info = z.getinfo(name)
-        z.fp.seek(_record_start(z, z.fp, info))
-        return z.fp.read(info.file_size)
-    pkl = next((n for n in names if n.endswith('/data.pkl') and n.count('/') == 1), None)
-    if pkl is None: raise CheckpointError("no data.pkl")
-    root = pkl[:-len('data.pkl')]
-    if root+'byteorder' in names and raw(root+'byteorder') != b'little': raise CheckpointError("big-endian file")
-    obj = _WeightsUnpickler(io.BytesIO(raw(pkl))).load()
-    mapping, starts = _Mapping(file), {}
+def _central_directory(mm, size):
+    "(start, end, entries) of the zip central directory, from an end record that closes the file: nothing before or after the archive"
+    end = size - 22
+    if end < 0 or mm[end:end+4] != b'PK\x05\x06': raise _Refused("its zip end record is not at the end of the file (cut, or bytes appended)")
+    disk, cd_disk, on_disk, count, cd_size, cd_at, comment = struct.unpack('<HHHHIIH', mm[end+4:size])
+    if comment: raise _Refused("its zip end record claims a comment, which torch.save never writes")
+    if disk or cd_disk or on_disk != count: raise _Refused("its zip end record describes a multi-disk archive, which torch.save never writes")
+    loc = end - 20
+    if loc >= 56 and mm[loc:loc+4] == b'PK\x06\x07':  # zip64 (torch always writes it): a locator before the end record points to a 64-bit one
+        disk, end64, disks = struct.unpack('<IQI', mm[loc+4:loc+20])
+        record = b'PK\x06\x06' + b'\x2c' + bytes(7) + mm[end64+12:end64+16] + bytes(8)  # 56 bytes long, any versions, disks 0
+        if disk or disks != 1 or end64 != loc - 56 or mm[end64:end64+24] != record:
+            raise _Refused("its zip64 end record is not where its locator says, or describes a multi-disk archive")
+        on_disk64, count64, size64, at64 = struct.unpack('<QQQQ', mm[end64+24:end64+56])
+        if on_disk64 != count64 or (count, cd_size, cd_at) != (min(count64, 0xFFFF), min(size64, 0xFFFFFFFF), min(at64, 0xFFFFFFFF)):
+            raise _Refused("its zip end record and zip64 end record disagree")
+        count, cd_size, cd_at, end = count64, size64, at64, end64
+    elif 0xFFFFFFFF in (cd_size, cd_at) or count == 0xFFFF: raise _Refused("its zip64 end record locator is missing")
+    if cd_at + cd_size != end: raise _Refused("its zip central directory is not where its end record says (bytes inserted or removed)")
+    return cd_at, end, count
+
+def _zip_records(file, mm, size:int):
+    "name -> (start, size) of every record, each checked against its local header, inside the archive and apart from the others"
+    cd_at, cd_end, count = _central_directory(mm, size)
+    infos = zipfile.ZipFile(file).infolist()
+    if len(infos) != count: raise _Refused(f"its zip directory lists {len(infos)} records but its end record counts {count}")
+    if len({i.filename.lower() for i in infos}) != count: raise _Refused("its zip directory names a record twice")
+    records, spans, entry = {}, [], cd_at
+    for info in infos:
+        if info.flag_bits & ~0x808 or info.volume or info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size \
+           or info.external_attr or info.internal_attr or info.comment:
+            raise _Refused(f"zip record {info.orig_filename!r} is compressed, encrypted, a folder or on another disk, which torch.save never writes")
+        at, name = info.header_offset, info.orig_filename.encode('utf-8' if info.flag_bits & 0x800 else 'cp437')
+        if info.filename != info.orig_filename: raise _Refused(f"zip record name {info.orig_filename!r} is not a plain path")
+        n, e, c = struct.unpack('<HHH', mm[entry+28:entry+34]) if entry + 46 <= cd_end else (0xFFFF,)*3
+        if mm[entry:entry+4] != b'PK\x01\x02' or mm[entry+46:entry+46+n] != name: raise _Refused(f"its zip directory entry of {info.filename!r} is damaged")
+        entry += 46 + n + e + c
+        sig, _, _, method, _, _, _, n, e = _LOCAL.unpack(mm[at:at+30]) if at + 30 <= size else (b'',)*9
+        if sig != b'PK\x03\x04' or method != 0 or mm[at+30:at+30+n] != name:
+            raise _Refused(f"zip record {info.filename!r} has no matching local header where its directory entry points")
+        start = at + 30 + n + e
+        if start + info.file_size > cd_at: raise _Refused(f"zip record {info.filename!r} runs past the start of the zip directory")
+        records[info.filename] = (start, info.file_size)
+        spans.append((at, start + info.file_size, info.filename))
+    if entry != cd_end: raise _Refused("its zip directory entries do not fill the zip directory")
+    spans.sort()
+    if spans and spans[0][0] != 0: raise _Refused("its first zip record does not start the file")
+    for (_, end, a), (at, _, b) in zip(spans, spans[1:]):
+        if at < end: raise _Refused(f"zip records {a!r} and {b!r} overlap: a tensor could read another record's bytes")
+    return records
+
+def _root(records):
+    "The one folder `X/` holding `X/data.pkl` and every other record"
+    roots = [n[:-len('data.pkl')] for n in records if n.endswith('/data.pkl') and n.count('/') == 1]
+    if len(roots) != 1: raise _Refused(f"it holds {len(roots)} '*/data.pkl' records; a torch file holds exactly one")
+    root = roots[0]
+    if any(not n.startswith(root) for n in records): raise _Refused(f"it holds records outside its folder {root!r}")
+    if root+'constants.pkl' in records: raise _Refused("it is a TorchScript archive, not saved weights; load it with torch.jit.load and save its state_dict")
+    return root
+
+def _read_zip(file, mapping):
+    "(object with `_Lazy` tensors, make-tensor function), or None if the pickle names what only torch.load reads"
+    records = _zip_records(file, mapping.mm, mapping.size)
+    root = _root(records)
+    def raw(name): start, n = records[name]; return bytes(mapping.mm[start:start+n])
+    version = next((raw(root+n) for n in ('.data/version', 'version') if root+n in records), None)
+    if version is None or re.fullmatch(rb'[1-9]\n?', version) is None: raise _Refused(f"its version record is {version!r}, not one torch writes")
+    if root+'byteorder' in records and raw(root+'byteorder') != b'little': raise _Refused("it is big-endian (or its byteorder record is damaged)")
+    for name, pattern in (('.format_version', rb'[1-9]'), ('.storage_alignment', rb'[1-9][0-9]{0,5}'), ('.data/serialization_id', rb'[0-9]{1,64}')):
+        if root+name in records and re.fullmatch(pattern, raw(root+name)) is None: raise _Refused(f"its {name} record is not one torch writes")
+    data = raw(root+'data.pkl')
+    end, _, storages = _scan_pickle(data, mapping.size)
+    if end != len(data): raise _Refused("its pickle goes on after its STOP opcode")
+    for key, (_, nbytes) in storages.items():
+        if records.get(f'{root}data/{key}', (0, None))[1] != nbytes:
+            raise _Refused(f"storage {key!r} needs a record of {nbytes:,} bytes, but the file has {records.get(f'{root}data/{key}', (0, 'no such'))[1]}")
+    try: obj = _WeightsUnpickler(io.BytesIO(data), encoding='utf-8').load()
+    except _NotOurs: return None
     def make(t:_Lazy):
-        if t.key not in starts:
-            info = z.getinfo(f'{root}data/{t.key}')
-            starts[t.key] = (_record_start(z, z.fp, info), info.file_size)
-        start, n = starts[t.key]
+        start, n = records[f'{root}data/{t.key}']
         return mapping.tensor(start, n, t.dtype, t.offset, t.shape, t.stride)
-    return obj, make, mapping
+    return obj, make
 
-_ALLOWED = ['fastcore.foundation.L']  # for torch.load: fastai's optimizer keeps its hyper-parameters in an `L`
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 
-def _torch_load(file):
-    "`torch.load` that cannot run code, memory-mapped when the file's format allows it"
+def _scan_legacy(mapping):
+    "Pre-scan the five pickles of a legacy (torch < 1.6) file: magic number, protocol, system info, object, storage keys"
+    at, need = 0, 0
+    for i in range(5):
+        at, value, storages = _scan_pickle(mapping.mm, mapping.size, at)
+        if i == 0 and value != _LEGACY_MAGIC: raise _Refused("it is a pickle but not a torch file (no torch magic number)")
+        need += sum(8 + n for _, n in storages.values())
+    if need > mapping.size - at: raise _Refused("its storages need more bytes than the file holds: it is truncated")
+
+def _torch_load(file, mmap:bool):
+    "`torch.load` that cannot run code, of a file already pre-scanned"
     allowed = []
     try:
         from fastcore.foundation import L
         allowed.append(L)
     except ImportError: pass
-    with torch.serialization.safe_globals(allowed):
-        try: return torch.load(file, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if 'mmap' not in str(e): raise
-        return torch.load(file, map_location='cpu', weights_only=True)  # legacy (non-zip) files cannot be mapped
+    with torch.serialization.safe_globals(allowed): return torch.load(file, map_location='cpu', weights_only=True, mmap=mmap)
 
 # %% ../nbs/07_formats.ipynb #18c6becb
 _ST_DTYPES = {'F64':torch.float64, 'F32':torch.float32, 'F16':torch.float16, 'BF16':torch.bfloat16, 'I64':torch.int64,
               'I32':torch.int32, 'I16':torch.int16, 'I8':torch.int8, 'U8':torch.uint8, 'BOOL':torch.bool}
 _ST_NAMES = {v:k for k,v in _ST_DTYPES.items()}
+_ST_MAX_HEADER = 100_000_000  # the safetensors package's limit
 
 def _is_safetensors(head:bytes)->bool:
     if len(head) < 9: return False
     n = struct.unpack('<Q', head[:8])[0]
-    return head[8:9] == b'{' and 2 <= n < 100_000_000
+    return head[8:9] == b'{' and 2 <= n < _ST_MAX_HEADER
+
+def _unique(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys): raise _Refused("its header names a key twice")
+    return dict(pairs)
+
+def _no_constant(name): raise _Refused(f"its header holds {name}, which is not JSON")
+
+def _st_entry(k, v, dtypes=_ST_DTYPES):
+    "(dtype, shape, start, end) of header entry `k`, checked as the safetensors package checks it"
+    if not isinstance(v, dict) or set(v) != {'dtype', 'shape', 'data_offsets'}: raise _Refused(f"tensor {k!r} is not described by dtype, shape and data_offsets")
+    if v['dtype'] not in dtypes: raise _Refused(f"tensor {k!r} has dtype {v['dtype']!r}, which ckpt_avg does not read")
+    shape, offsets = v['shape'], v['data_offsets']
+    if type(shape) is not list or any(type(n) is not int or n < 0 for n in shape): raise _Refused(f"tensor {k!r} has shape {shape!r}")
+    if type(offsets) is not list or len(offsets) != 2 or any(type(n) is not int or n < 0 for n in offsets):
+        raise _Refused(f"tensor {k!r} has data_offsets {offsets!r}, not two ints >= 0")
+    return dtypes[v['dtype']], tuple(shape), *offsets
+
+def _st_header(mm, size):
+    "(entries in file order, metadata, where the data starts) of a safetensors file, checked as the safetensors package does"
+    n = struct.unpack('<Q', mm[:8])[0] if size >= 8 else None
+    if n is None or n > _ST_MAX_HEADER or 8 + n > size: raise _Refused("its header length runs past the end of the file: it is truncated")
+    try:
+        text = bytes(mm[8:8+n]).decode('utf-8')
+        if not text.startswith('{'): raise _Refused("its header does not start with '{'")
+        header = json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
+        if not isinstance(header, dict): raise _Refused("its header is not a JSON object")
+        for k in header: k.encode('utf-8')  # lone surrogates: the package refuses them
+    except (UnicodeError, ValueError, RecursionError) as e: raise _Refused(f"its header is not valid JSON ({e})") from None
+    meta = header.pop('__metadata__', None)
+    if meta is not None and (not isinstance(meta, dict) or not all(type(v) is str for v in meta.values())):
+        raise _Refused("its __metadata__ is not a map of strings to strings")
+    entries = sorted((_st_entry(k, v) + (k,) for k, v in header.items()), key=lambda e: (e[2], e[3]))
+    pos, data = 0, 8 + n
+    for dtype, shape, b, e, k in entries:
+        if b != pos or e < b: raise _Refused(f"tensor {k!r} has data_offsets [{b}, {e}]: offsets must tile the data in order, without gaps or overlaps")
+        if e - b != math.prod(shape) * dtype.itemsize: raise _Refused(f"tensor {k!r} of shape {list(shape)} needs {math.prod(shape)*dtype.itemsize} bytes, not {e-b}")
+        pos = e
+    if data + pos != size: raise _Refused(f"its tensors cover {pos:,} bytes of its {size-data:,} bytes of data")
+    return entries, meta or {}, data
 
 def _read_safetensors(file):
     mapping = _Mapping(file)
-    n = struct.unpack('<Q', mapping.mm[:8])[0]
-    try: header = json.loads(mapping.mm[8:8+n])
-    except ValueError as e: raise CheckpointError(f"its safetensors header is not valid JSON ({e})") from None
-    meta = header.pop('__metadata__', None) or {}
+    entries, meta, data = _st_header(mapping.mm, mapping.size)
     state = {}
-    for k, v in sorted(header.items(), key=lambda kv: kv[1]['data_offsets']):  # in file order: ours keeps the state dict's
-        if v['dtype'] not in _ST_DTYPES: raise CheckpointError(f"tensor {k!r} has dtype {v['dtype']}, which ckpt_avg does not read")
-        b, e = v['data_offsets']
-        dtype, shape = _ST_DTYPES[v['dtype']], tuple(v['shape'])
-        stride = tuple(torch.empty(shape, device='meta').stride()) if shape else ()
-        state[k] = mapping.tensor(8+n+b, e-b, dtype, 0, shape, stride)
+    for dtype, shape, b, e, k in entries:  # in file order: ours keeps the state dict's
+        stride = tuple(torch.empty(shape, device='meta').stride())
+        state[k] = mapping.tensor(data + b, e - b, dtype, 0, shape, stride)
     return state, meta, mapping
 
 # %% ../nbs/07_formats.ipynb #1dabd969
@@ -188,21 +492,33 @@ def _strip(state, prefix, file):
 
 def _first_line(msg): return next((l.strip() for l in msg.splitlines() if l.strip()), msg)
 
-def _load_object(file):
-    "(object, make-tensor function or None, mapping or None) of a torch file, by the fast path if it can"
-    try: return _read_zip(file)
-    except Exception: pass  # anything unusual: let torch decide, it is as safe and has the last word
-    try: return _torch_load(file), None, None
+def _refused_code(file, detail):
+    return CheckpointError(f"refused to load {file}: unpickling it would run code or build objects that are not "
+                           f"weights ({detail}). Only load files you trust, and convert them to a plain state dict yourself")
+
+def _load_object(file, mapping):
+    "(object, make-tensor function or None) of a torch file: pre-scanned, then by our reader or, for what only torch reads, torch.load"
+    if mapping.mm[:4] == b'PK\x03\x04':
+        res = _read_zip(file, mapping)
+        if res is not None: return res
+        mmap = True
+    elif mapping.mm[:4] == b'\x80\x02\x8a\x0a':
+        _scan_legacy(mapping)
+        mmap = False  # legacy (non-zip) files cannot be mapped
+    else: raise _Refused("not a torch file")
+    try: return _torch_load(file, mmap), None
     except pickle.UnpicklingError as e:
         msg = str(e)
         if 'GLOBAL' in msg or 'Unsupported global' in msg:
-            detail = next((l.strip() for l in msg.splitlines() if 'GLOBAL' in l or 'Unsupported global' in l), '')
-            raise CheckpointError(f"refused to load {file}: unpickling it would run code or build objects that are not "
-                                  f"weights ({detail}). Only load files you trust, and convert them to a plain state dict "
-                                  "yourself") from None
-        raise _unreadable(file, msg) from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... on damaged files
-        raise _unreadable(file, f'{type(e).__name__}: {_first_line(str(e))}') from None
+            raise _Untrusted(next((l.strip() for l in msg.splitlines() if 'GLOBAL' in l or 'Unsupported global' in l), '')) from None
+        raise _Refused(msg) from None
+    except Exception as e: raise _Refused(f'{type(e).__name__}: {_first_line(str(e))}') from None  # torch raises RuntimeError, EOFError, KeyError...
+
+def _checked(t):
+    "A tensor torch.load returned, refused as ours would be if it overlaps itself or reads past its storage"
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_meta or t.device.type != 'cpu': raise _Refused("a weight is not a plain tensor")
+    _check_layout(tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes() // t.element_size())
+    return t
 
 def _unreadable(file, detail):
     "The error for a file torch cannot read: say what the file is not, without torch's advice to unpickle it unsafely"
@@ -210,7 +526,7 @@ def _unreadable(file, detail):
     if head[:2] != b'PK' and head[:1] != b'\x80':
         return CheckpointError(f"{file} is not a checkpoint: it is neither a zip archive (torch.save's format) nor a pickle "
                                "nor a safetensors file; pass a file written by learn.save, torch.save or safetensors")
-    return CheckpointError(f"{file} looks like a torch file but cannot be read ({detail[:200]}); it may be truncated or damaged: "
+    return CheckpointError(f"{file} looks like a torch file but cannot be read ({detail[:300]}); it may be truncated or damaged: "
                            "use another checkpoint, or save it again")
 
 # %% ../nbs/07_formats.ipynb #0065bac4
@@ -224,13 +540,25 @@ def read_checkpoint(
     file = Path(file)
     if not file.is_file(): raise CheckpointError(f"{file} does not exist or is not a file; check the path")
     with open(file, 'rb') as f: head = f.read(16)
-    if _is_safetensors(head) and format in (None, 'safetensors'):
-        try: state, meta, mapping = _read_safetensors(file)
-        except (CheckpointError, KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{file} is not a safetensors file ckpt_avg can read ({e})") from None
+    safetensors = _is_safetensors(head)
+    if format == 'safetensors' and not safetensors: raise CheckpointError(f"{file} is not a safetensors file; drop --format/format= to detect its format")
+    if safetensors and format is not None and format != 'safetensors':
+        raise CheckpointError(f"{file} is not a {format} checkpoint: it is a safetensors file; pass format='safetensors' or leave the format out")
+    try: return _read(file, format, strip_prefix, safetensors)
+    except CheckpointError: raise
+    except _Untrusted as e: raise _refused_code(file, e) from None
+    except Exception as e:  # anything else a damaged file can cause, down to MemoryError and RecursionError: one clear error
+        detail = str(e) if isinstance(e, _Refused) else f'{type(e).__name__}: {_first_line(str(e))}'
+        if safetensors: raise CheckpointError(f"{file} is not a safetensors file ckpt_avg can read ({detail[:300]})") from None
+        raise _unreadable(file, detail) from None
+
+def _read(file, format, strip_prefix, safetensors):
+    if safetensors:
+        state, meta, mapping = _read_safetensors(file)
+        if not state: raise CheckpointError(f"{file} holds no tensors; pass a file with the model's weights")
         return Checkpoint(file, 'safetensors', _strip(state, strip_prefix, file), mapping=mapping, meta=meta)
-    if format == 'safetensors': raise CheckpointError(f"{file} is not a safetensors file; drop --format/format= to detect its format")
-    obj, make, mapping = _load_object(file)
+    mapping = _Mapping(file)
+    obj, make = _load_object(file, mapping)
     found = _detect(obj)
     fmt = format or found
     if fmt is None:
@@ -241,11 +569,9 @@ def read_checkpoint(
     if not _is_weights(state):
         raise CheckpointError(f"{file} is not a {fmt} checkpoint" + (f" (no weights under {_KEY[fmt]!r})" if fmt in _KEY else '')
                               + (f"; it looks like {found}: pass format={found!r} or leave the format out" if found else ''))
-    if make is not None:
-        try: state = {k: make(v) for k,v in state.items()}
-        except (CheckpointError, KeyError) as e: raise CheckpointError(f"{file} is damaged ({e}); it may be truncated") from None
+    state = {k: make(v) for k,v in state.items()} if make is not None else {k: _checked(v) for k,v in state.items()}
     has_opt = isinstance(obj, dict) and any(k in obj for k in _OPT_KEYS) and fmt != 'state_dict'
-    return Checkpoint(file, fmt, _strip(dict(state), strip_prefix, file), has_opt=has_opt, mapping=mapping)
+    return Checkpoint(file, fmt, _strip(dict(state), strip_prefix, file), has_opt=has_opt, mapping=mapping if make is not None else None)
 
 # %% ../nbs/07_formats.ipynb #288140a7
 def _stream_safetensors(spec, items, f, meta=None):
