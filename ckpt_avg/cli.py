@@ -96,6 +96,11 @@ def _record(plan, output:Path, fit, meta:dict):
                                    hash=meta['hash'], saved_at=datetime.datetime.now().isoformat(timespec='seconds')))
     m.write()
 
+def _live_bar()->bool:
+    "Draw an animated progress bar? On a terminal, but not under a Jupyter kernel's `!`, whose pseudo-terminal keeps every frame"
+    import os
+    return sys.stderr.isatty() and 'JPY_PARENT_PID' not in os.environ
+
 def _average(args)->int:
     if args.output is None and not args.dry_run: args.parser.error("pass -o/--output FILE for the average, or --dry-run to only list the inputs")
     plan, out = _plan(args), args.output
@@ -108,7 +113,7 @@ def _average(args)->int:
     import torch
     from ckpt_avg.core import average_to_file
     if args.threads: torch.set_num_threads(args.threads)
-    meta = average_to_file(plan, out, fmt, overwrite=args.force, progress=not args.quiet and sys.stderr.isatty())
+    meta = average_to_file(plan, out, fmt, overwrite=args.force, progress=not args.quiet and _live_bar())
     _record(plan, out, args.fit, meta)
     if not args.quiet: print(f"averaged {plan.summary()} into {out} ({fmt}, {meta['tensors']} tensors, {_size(meta['bytes'])})")
     return 0

@@ -19,16 +19,20 @@ def kernel_dir(tmp_path_factory):
                                                     display_name='ckpt_avg tests', language='python')))
     return d
 
-def run_notebook(name, tmp_path, monkeypatch, kernel_dir, parameters=None):
-    "Execute tests/notebooks/`name` in a fresh kernel, the first code cell replaced by `parameters`; keep the result in `tmp_path`"
+def run_notebook_file(path, tmp_path, monkeypatch, kernel_dir, parameters=None):
+    "Execute the notebook at `path` in a fresh kernel, the first code cell replaced by `parameters`; keep the result in `tmp_path`"
     monkeypatch.setenv('JUPYTER_PATH', str(kernel_dir))
     monkeypatch.setenv('MPLBACKEND', 'Agg')
-    nb = nbformat.read(HERE/name, as_version=4)
+    nb = nbformat.read(path, as_version=4)
     if parameters is not None: next(c for c in nb.cells if c.cell_type == 'code').source = parameters
     client = NotebookClient(nb, timeout=600, kernel_name=KERNEL, resources={'metadata': {'path': str(tmp_path)}})
     try: client.execute()
-    finally: nbformat.write(nb, tmp_path/name)  # the executed notebook, with its outputs, to read when a cell fails
+    finally: nbformat.write(nb, tmp_path/f'executed_{Path(path).name}')  # with its outputs, to read when a cell fails
     return nb
+
+def run_notebook(name, tmp_path, monkeypatch, kernel_dir, parameters=None):
+    "Execute tests/notebooks/`name` (see `run_notebook_file`)"
+    return run_notebook_file(HERE/name, tmp_path, monkeypatch, kernel_dir, parameters)
 
 def printed(nb)->str:
     return ''.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []))
@@ -51,3 +55,17 @@ def test_tabular_rmse_and_mixed_precision(tmp_path, monkeypatch, kernel_dir):
     out = printed(nb)
     assert out.count('the model holds the') == 3
     assert 'three fits, three averages' in out
+
+def test_the_command_in_a_notebook_cell_prints_one_line_no_frames(tmp_path, monkeypatch, kernel_dir):
+    "`!ckpt_avg average ...` in a cell: no animated bar (the kernel's pseudo-terminal would keep every frame), one closing line"
+    from ckpt_avg.demo import digits_learner
+    learn = digits_learner(path=tmp_path)
+    from ckpt_avg.save import SaveEvery
+    with learn.no_bar(), learn.no_logging(): learn.fit(3, 0.1, cbs=[SaveEvery(epochs=1)])
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell(f"!{sys.executable} -m ckpt_avg.cli average {tmp_path/'models'} --last 3 -o {tmp_path/'avg.pth'}"))
+    nbformat.write(nb, tmp_path/'cli.ipynb')
+    out = printed(run_notebook_file(tmp_path/'cli.ipynb', tmp_path, monkeypatch, kernel_dir)).replace('\r\n', '\n')  # the pty's line ends
+    assert (tmp_path/'avg.pth').exists(), out
+    assert '\r' not in out and '%' not in out, repr(out)
+    assert out.strip().count('\n') == 0 and out.startswith('averaged 3 checkpoints'), repr(out)
