@@ -230,10 +230,9 @@ def _show(self:AverageCheckpointsCallback):
 def _save(self:AverageCheckpointsCallback, manifest, entries, state, weights):
     if self.target is None: return
     meta = atomic_write(self.target, lambda f: save_no_crc(state, f), overwrite=self.overwrite)  # as every file we write: the manifest's hash replaces the CRC32
-    manifest.data['averages'].append(dict(file=self.target.name, fit=self.fit_id, inputs=[e['file'] for e in entries],
-        strategy=self.strategy, weights=None if self.soup else weights, recompute_bn=self.recompute_bn,
-        report=self.results, end_with=self.end_with, holds=self.holds, **meta, saved_at=_now()))
-    manifest.write()
+    manifest.record_average(self.target.name, [e['file'] for e in entries], meta, fit=self.fit_id,  # the file is removed if this fails
+        weights=None if self.soup else weights, strategy=self.strategy, recompute_bn=self.recompute_bn,
+        report=self.results, end_with=self.end_with, holds=self.holds)
     self.saved_path = self.target
 
 # %% ../nbs/03_average.ipynb #56cfad70
