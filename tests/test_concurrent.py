@@ -26,20 +26,23 @@ ZYGOTE = r'''
 import json, os, sys, time, traceback, warnings
 import torch; torch.set_num_threads(1)
 from ckpt_avg.save import SaveEvery
+from ckpt_avg.average import AverageLast
 from ckpt_avg.demo import digits_learner
 
-def train(path, seed, epochs, go):
+def train(path, seed, epochs, go, average):
     learn = digits_learner(path=path, seed=seed)
     saver = SaveEvery(batches=2, background=seed % 2 == 0)  # half the trainers write in the background, half in line
+    avg = AverageLast(3, report=False)
     while go and not os.path.exists(go): time.sleep(0.001)   # the barrier: all start training together
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter('always')
-        with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 0.1, cbs=[saver])
+        with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 0.1, cbs=[saver] + [avg]*average)
     mine = [str(w.message) for w in ws if issubclass(w.category, UserWarning) and ('ckpt_avg' in (w.filename or '') or 'SaveEvery' in str(w.message))]
-    return dict(fit=saver.fit_id, saved=[{k: e[k] for k in ('file', 'hash', 'bytes', 'fit')} for e in saver.saved], warnings=mine)
+    return dict(fit=saver.fit_id, saved=[{k: e[k] for k in ('file', 'hash', 'bytes', 'fit')} for e in saver.saved], warnings=mine,
+                average=[str(avg.saved_path), [f.name for f in avg.files]] if average else None)
 
 # one import of torch and fastai, then one forked trainer per seed: together (after a barrier) or `apart` seconds apart
-path, n, epochs, apart = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+path, n, epochs, apart, average = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == '1'
 go = None if apart else os.path.join(path, 'go')
 pids = []
 for seed in range(n):
@@ -47,7 +50,7 @@ for seed in range(n):
     if pid == 0:
         code = 1
         try:
-            r = train(path, seed, epochs, go)
+            r = train(path, seed, epochs, go, average)
             with open(os.path.join(path, f'result{seed}.json'), 'w') as f: json.dump(r, f)
             code = 0
         except BaseException: traceback.print_exc()
@@ -59,10 +62,10 @@ codes = [os.waitpid(p, 0)[1] for p in pids]
 print(json.dumps(codes))
 '''
 
-def trainers(path, n, epochs, apart=0):
-    "Train `n` processes into `path`'s `models`, together or `apart` seconds apart; return each one's result"
+def trainers(path, n, epochs, apart=0, average=False):
+    "Train `n` processes into `path`'s `models`, together or `apart` seconds apart (with an AverageLast if `average`); their results"
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, '-c', ZYGOTE, str(path), str(n), str(epochs), str(apart)],
+    r = subprocess.run([sys.executable, '-c', ZYGOTE, str(path), str(n), str(epochs), str(apart), '1' if average else '0'],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1]) == [0]*n, r.stderr[-3000:]
     return [json.loads((Path(path)/f'result{i}.json').read_text()) for i in range(n)]
@@ -105,6 +108,17 @@ def test_trainers_started_together_lose_nothing(tmp_path, n):
     results = trainers(tmp_path, n, 2)
     m = check_folder(tmp_path/'models', results)
     print(f"\n{n} trainers at once: {len(m.checkpoints)} saves, fits {sorted(r['fit'] for r in results)}")
+
+
+@pytest.mark.xfail(strict=False, reason="AverageLast takes SaveEvery's fit id in before_fit; SaveEvery records the fit (and may get "
+                   "the next id) at its first save: AverageLast must read saver.fit_id in after_fit (the lead wires it)")
+def test_trainers_with_averages_at_once_each_average_their_own_fit(tmp_path):
+    results = trainers(tmp_path, 2, 2, average=True)
+    m = check_folder(tmp_path/'models', results)
+    for r in results:
+        path, inputs = r['average']
+        assert Path(path).name == f"ckpt_f{r['fit']:03d}_avg.pth" and inputs == [e['file'] for e in r['saved'][-3:]]
+    assert sorted(a['file'] for a in m.averages) == sorted(f"ckpt_f{r['fit']:03d}_avg.pth" for r in results)
 
 
 def test_trainers_started_seconds_apart_lose_nothing(tmp_path):
