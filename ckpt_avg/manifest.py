@@ -132,6 +132,9 @@ _temp_re = re.compile(r'^\..+\.(?:([0-9a-f]{8})-)?(\d+)(?:-[0-9a-f]+)?\.tmp$')
 def _stale(p:Path, machine:str, pid:int)->bool:
     "Delete the temporary `p` if no live writer holds it; True if it was deleted"
     try: fd = os.open(p, os.O_RDWR)  # NFS locks a file only for writing
+    except PermissionError:  # another user's temporary: a local lock works on a file open for reading
+        try: fd = os.open(p, os.O_RDONLY)
+        except OSError: return False
     except OSError: return False
     try:
         got = _try_lock(fd, block=False)
