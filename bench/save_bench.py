@@ -174,8 +174,8 @@ def main():
         for m in ('sync', 'background'):
             if not {m, m+'-nofsync'} <= set(modes): continue
             bl, bn, ll, ln = med(blocked[m]), med(blocked[m+'-nofsync']), med(lost[m]), med(lost[m+'-nofsync'])
-            pairs = [x/y for x, y in zip(lost[m], lost[m+'-nofsync']) if y > 0]
-            print(f"fsync, {m}: blocked/save {bl*1e3:.1f} vs {bn*1e3:.1f} ms without (+{(bl-bn)*1e3:.1f}); lost/save {ll*1e3:.1f} vs "
-                  f"{ln*1e3:.1f} ms without (+{(ll-ln)*1e3:.1f}); paired ratio of lost {med(pairs) if pairs else float('nan'):.2f}")
+            pairs = [x/y for x, y in zip(lost[m], lost[m+'-nofsync']) if x > 0 and y > 0]  # a negative "lost" is noise
+            print(f"fsync, {m}: blocked/save {bl*1e3:.1f} vs {bn*1e3:.1f} ms without ({bl/bn:.2f}x, {(bl-bn)*1e3:+.1f} ms); lost/save "
+                  f"{ll*1e3:.1f} vs {ln*1e3:.1f} ms without ({(ll-ln)*1e3:+.1f} ms; median of paired ratios {med(pairs) if pairs else float('nan'):.2f})")
 
 if __name__ == '__main__': main()
