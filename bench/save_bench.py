@@ -15,10 +15,16 @@ deleted and `os.sync()` is called: without it a run paid for the writeback and t
 * lost / save: (wall time of the fit with saves - wall time of the paired fit without) / saves, also as a ratio to
   the memcpy and to our synchronous save (CRC32 off).
 
+Durability: every file is fsynced (the file, then its folder) before it gets its name and is recorded. The modes
+`sync-nofsync` and `background-nofsync` are the same saves with both fsyncs turned off (patched out for that run
+only), run in the same rotation, so the cost of durability per save is printed side by side: the medians of
+blocked and lost per save with and without, their difference, and the median of the paired ratios.
+
     python bench/save_bench.py                       # CPU, both sizes
     python bench/save_bench.py --device cuda --reps 5
+    python bench/save_bench.py --sizes 100 --modes none,sync,sync-nofsync,background,background-nofsync
 """
-import argparse, os, shutil, statistics, tempfile, time
+import argparse, contextlib, os, shutil, statistics, tempfile, time
 from pathlib import Path
 import torch
 from torch import nn
@@ -27,6 +33,7 @@ from fastai.data.load import DataLoader
 from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback
 from ckpt_avg.save import SaveEvery
+import ckpt_avg.manifest as manifest
 
 def model_of(width, depth):
     return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU()) for _ in range(depth)],
@@ -82,8 +89,15 @@ def callbacks(mode, with_opt):
     if mode == 'none': return []
     if mode == 'memcpy': return [MemcpyTimed(with_opt)]
     if mode == 'fastai': cb = FastaiSave(every_epoch=1, with_opt=with_opt)
-    else: cb = OurSave(epochs=1, with_opt=with_opt, background=(mode == 'background'))
+    else: cb = OurSave(epochs=1, with_opt=with_opt, background=mode.startswith('background'))
     return [cb]
+
+class no_fsync:
+    "Within this block, `atomic_write` skips its two fsyncs (the file's and its folder's)"
+    def __enter__(self):
+        self.saved = manifest._fsync_file, manifest._fsync_folder
+        manifest._fsync_file, manifest._fsync_folder = (lambda f: f.flush()), (lambda folder: None)
+    def __exit__(self, *exc): manifest._fsync_file, manifest._fsync_folder = self.saved
 
 def sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize()
@@ -95,7 +109,8 @@ def run(size, mode, a):
         learn = learner(width, depth, bs, n_batches, a.device, path)
         cbs = callbacks(mode, a.with_opt)
         sync(a.device); t = time.perf_counter()
-        with learn.no_bar(), learn.no_logging(): learn.fit(a.epochs, 1e-4, cbs=cbs)
+        with learn.no_bar(), learn.no_logging(), (no_fsync() if mode.endswith('-nofsync') else contextlib.nullcontext()):
+            learn.fit(a.epochs, 1e-4, cbs=cbs)
         sync(a.device); wall = time.perf_counter() - t
         return wall, (cbs[0].blocked if cbs else [])
     finally:
@@ -124,11 +139,14 @@ def main():
     p.add_argument('--dir', default=None, help='folder for the checkpoints (default: the system temp folder)')
     p.add_argument('--with-opt', action='store_true', help='save the optimizer state too (Adam: 3 x the model bytes)')
     p.add_argument('--threads', type=int, default=None, help="torch's CPU threads (default: torch's choice)")
+    p.add_argument('--modes', default='none,memcpy,fastai,sync,background,sync-nofsync,background-nofsync',
+                   help="modes to run, in rotation ('none' is needed; 'memcpy' for the ÷ memcpy columns)")
     a = p.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     cpu = torch.device(a.device).type == 'cpu'
     sizes = {'100': (1024, 24, 16 if cpu else 2048, 6 if cpu else 40), '400': (2048, 24, 16 if cpu else 2048, 4 if cpu else 20)}
-    modes = ['none', 'memcpy', 'fastai', 'sync', 'background']
+    modes = a.modes.split(',')
+    assert modes[0] == 'none', "--modes must start with 'none' (the paired fit without saves)"
     print(f"device {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, with_opt={a.with_opt}, {a.epochs} epochs = {a.epochs-1} saves per fit, {a.reps} rotations")
     for name in a.sizes.split(','):
         size = sizes[name]
@@ -141,16 +159,23 @@ def main():
                 w, b = run(size, m, a); walls[m].append(w); blocked[m] += b
         lost = {m: [(w - w0)/(a.epochs - 1) for w, w0 in zip(walls[m], walls['none'])] for m in modes[1:]}
         med = lambda xs: statistics.median(xs)
-        copy_in_fit = med(blocked['memcpy'])  # the yardstick: the same copy, at the same points of the same fits
+        copy_in_fit = med(blocked['memcpy']) if 'memcpy' in modes else float('nan')  # the yardstick: the same copy, same points, same fits
         print(f"\n{nbytes/1e6:.0f} MB state: memcpy in the fits {copy_in_fit*1e3:.1f} ms (alone, before them: {copy_s*1e3:.1f} ms); "
               f"fit without saves {med(walls['none']):.2f} s [{min(walls['none']):.2f}-{max(walls['none']):.2f}]")
-        print(f"{'mode':<12}{'blocked/save ms':>16}{'÷ memcpy':>10}{'lost/save ms':>14}{'÷ memcpy':>10}{'÷ our sync':>12}   lost per rotation (ms)")
+        print(f"{'mode':<20}{'blocked/save ms':>16}{'÷ memcpy':>10}{'lost/save ms':>14}{'÷ memcpy':>10}{'÷ our sync':>12}   lost per rotation (ms)")
         for m in modes[1:]:
             b, l = med(blocked[m]), med(lost[m])
-            ratio_sync = med([x/y for x, y in zip(lost[m], lost['sync'])]) if min(lost['sync']) > 0 else float('nan')
-            print(f"{m:<12}{b*1e3:>16.1f}{b/copy_in_fit:>10.2f}{l*1e3:>14.1f}{l/copy_in_fit:>10.2f}{ratio_sync:>12.2f}   "
+            ratio_sync = med([x/y for x, y in zip(lost[m], lost['sync'])]) if 'sync' in modes and min(lost['sync']) > 0 else float('nan')
+            print(f"{m:<20}{b*1e3:>16.1f}{b/copy_in_fit:>10.2f}{l*1e3:>14.1f}{l/copy_in_fit:>10.2f}{ratio_sync:>12.2f}   "
                   + ' '.join(f'{x*1e3:.0f}' for x in lost[m]))
-        best = min(('sync', 'background'), key=lambda m: med(lost[m]))
-        print(f"least training time lost on {a.device}: {best} (SaveEvery's default: background)")
+        if {'sync', 'background'} <= set(modes):
+            best = min(('sync', 'background'), key=lambda m: med(lost[m]))
+            print(f"least training time lost on {a.device}: {best} (SaveEvery's default: background)")
+        for m in ('sync', 'background'):
+            if not {m, m+'-nofsync'} <= set(modes): continue
+            bl, bn, ll, ln = med(blocked[m]), med(blocked[m+'-nofsync']), med(lost[m]), med(lost[m+'-nofsync'])
+            pairs = [x/y for x, y in zip(lost[m], lost[m+'-nofsync']) if x > 0 and y > 0]  # a negative "lost" is noise
+            print(f"fsync, {m}: blocked/save {bl*1e3:.1f} vs {bn*1e3:.1f} ms without ({bl/bn:.2f}x, {(bl-bn)*1e3:+.1f} ms); lost/save "
+                  f"{ll*1e3:.1f} vs {ln*1e3:.1f} ms without ({(ll-ln)*1e3:+.1f} ms; median of paired ratios {med(pairs) if pairs else float('nan'):.2f})")
 
 if __name__ == '__main__': main()

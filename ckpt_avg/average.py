@@ -16,7 +16,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.tracker import SaveModelCallback
 from fastai.torch_core import rank_distrib, get_model
-from .manifest import Manifest, atomic_write, _now
+from .manifest import Manifest, atomic_write
 from .core import average_checkpoints, plan_entries
 from .save import SaveEveryNCallback, TrainingFitCallback, training_fit, _savers
 from .strategies import check_strategy, select_checkpoints, greedy_soup, recompute_bn, _NEEDS_METRIC
@@ -256,6 +256,9 @@ def _average(self:AverageCheckpointsCallback, plan):
 @share_average  # distributed training: rank 0 averages, every rank ends with its weights (see `distrib`)
 def after_fit(self:AverageCheckpointsCallback):
     if rank_distrib() != 0: return
+    if self.saver is not None and self.saver.fit_id != self.fit_id:  # another process took the id first: SaveEvery recorded the next
+        self.fit_id = self.saver.fit_id
+        if self.target is not None: self.target = self.folder/(self.save_as.format(fname=self.fname, fit=self.fit_id) + '.pth')
     manifest = self.saver.manifest if self.saver else Manifest(self.folder, self.fname)
     self.pool, self._fitted = L(manifest.live(self.fit_id if self.scope == 'fit' else None)), self.learn
     where = f"fit {self.fit_id}" if self.scope == 'fit' else "the manifest"
@@ -328,10 +331,9 @@ def _show(self:AverageCheckpointsCallback):
 def _save(self:AverageCheckpointsCallback, manifest, entries, state, weights):
     if self.target is None: return
     meta = atomic_write(self.target, lambda f: save_no_crc(state, f), overwrite=self.overwrite)  # as every file we write: the manifest's hash replaces the CRC32
-    manifest.data['averages'].append(dict(file=self.target.name, fit=self.fit_id, inputs=[e['file'] for e in entries],
-        strategy=self.strategy, weights=None if self.soup else weights, recompute_bn=self.recompute_bn,
-        report=self.results, end_with=self.end_with, holds=self.holds, **meta, saved_at=_now()))
-    manifest.write()
+    manifest.record_average(self.target.name, [e['file'] for e in entries], meta, fit=self.fit_id,  # the file is removed if this fails
+        weights=None if self.soup else weights, strategy=self.strategy, recompute_bn=self.recompute_bn,
+        report=self.results, end_with=self.end_with, holds=self.holds)
     self.saved_path = self.target
 
 # %% ../nbs/03_average.ipynb #56cfad70

@@ -91,10 +91,7 @@ def _record(plan, output:Path, fit, meta:dict):
     "Record the average in the manifest of the folder it was planned from, when it is written into that folder"
     m = plan.manifest
     if m is None or output.parent.resolve() != m.folder.resolve(): return
-    import datetime
-    m.data['averages'].append(dict(file=output.name, fit=fit, inputs=[f.name for f in plan.files], bytes=meta['bytes'],
-                                   hash=meta['hash'], saved_at=datetime.datetime.now().isoformat(timespec='seconds')))
-    m.write()
+    m.record_average(output.name, [f.name for f in plan.files], meta, fit=fit, weights=plan.given_weights)  # under the manifest's lock
 
 def _live_bar()->bool:
     "Draw an animated progress bar? On a terminal, but not under a Jupyter kernel's `!`, whose pseudo-terminal keeps every frame"

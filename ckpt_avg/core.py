@@ -230,7 +230,7 @@ def _vouched(file:Path, cache:dict, skip:bool, done:Manifest=None)->int|None:
         for m in _manifests(folder, cache):
             if done is not None and m.path.resolve() == done.path.resolve(): n += 1; continue
             ckpts = [e for e in m.checkpoints if e.get('file') == name][-1:]  # the last record of a name is the one that counts
-            averages = [a for a in m.data['averages'] if a.get('file') == name][-1:]  # (an average rewritten with overwrite=True)
+            averages = [a for a in m.averages if a.get('file') == name][-1:]  # (an average rewritten with overwrite=True)
             if len(m.verify(ckpts, skip=skip)) < len(ckpts) or not all(_check_average(m, a, skip) for a in averages): return None
             n += bool(ckpts or averages)
     return n

@@ -613,19 +613,14 @@ def _stream_torch(spec, items, f, wrap=None):
     if wrap: obj = {wrap: obj}
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(obj)
-    ser = torch.serialization
-    crc = ser.get_crc32_options() if hasattr(ser, 'get_crc32_options') else None
-    if crc is not None: ser.set_crc32_options(False)  # torch.load never checks it; the manifest's hash guards the bytes
-    try:
-        with ser._open_zipfile_writer(f) as z:
-            for name, data in (('data.pkl', buf.getvalue()), ('.format_version', b'1'), ('.storage_alignment', b'64'), ('byteorder', b'little')):
-                z.write_record(name, data, len(data))
-            for k, t in items:
-                t = t.detach().cpu().contiguous()
-                if t.storage_offset(): t = t.clone()  # the writer writes a storage from its start
-                z.write_record(f'data/{keys[k]}', t.untyped_storage(), t.numel()*t.element_size())
-    finally:
-        if crc is not None: ser.set_crc32_options(crc)
+    from .writer import crc32_off  # the one lock around torch's global CRC option, shared with SaveEvery's writer
+    with crc32_off(), torch.serialization._open_zipfile_writer(f) as z:  # no CRC32: torch.load never checks it, the manifest's hash does
+        for name, data in (('data.pkl', buf.getvalue()), ('.format_version', b'1'), ('.storage_alignment', b'64'), ('byteorder', b'little')):
+            z.write_record(name, data, len(data))
+        for k, t in items:
+            t = t.detach().cpu().contiguous()
+            if t.storage_offset(): t = t.clone()  # the writer writes a storage from its start
+            z.write_record(f'data/{keys[k]}', t.untyped_storage(), t.numel()*t.element_size())
 
 _WRAP = dict(lightning='state_dict', timm='state_dict', timm_ema='state_dict', fairseq='model')
 

@@ -4,14 +4,16 @@
 
 # %% ../nbs/00_manifest.ipynb #a3466450
 from __future__ import annotations
-import json, os, re, time, datetime, warnings
+import contextlib, copy, errno, json, os, re, secrets, socket, threading, time, datetime, warnings
 from pathlib import Path
 import xxhash
 from fastcore.basics import patch
+try: import fcntl
+except ImportError: fcntl = None  # Windows: no advisory locks; see "Two writers, one folder"
 
 # %% auto #0
-__all__ = ['HASH_NAME', 'SCHEMA', 'VERSION', 'file_hash', 'temp_name', 'atomic_write', 'clean_stale_temps', 'CheckpointError',
-           'ManifestError', 'Manifest', 'checkpoint_name', 'IntegrityError', 'check_no_double_count']
+__all__ = ['HASH_NAME', 'SCHEMA', 'VERSION', 'file_hash', 'temp_name', 'atomic_write', 'clean_stale_temps', 'locked',
+           'CheckpointError', 'ManifestError', 'Manifest', 'checkpoint_name', 'IntegrityError', 'check_no_double_count']
 
 # %% ../nbs/00_manifest.ipynb #2f907712
 HASH_NAME = 'xxh3_128'
@@ -37,46 +39,156 @@ class _HashingWriter:
         try: return op(*args)
         except OSError as e: self.error = e; raise
 
+def _machine()->str:
+    "A short id of this kernel (its boot id; the host name where there is none): processes that share it share flock"
+    try: ident = Path('/proc/sys/kernel/random/boot_id').read_text().strip()
+    except OSError: ident = socket.gethostname()
+    return xxhash.xxh3_64_hexdigest(ident.encode())[:8]
+
 def temp_name(path)->Path:
-    "The temporary file `atomic_write` uses for `path`: hidden, in the same folder, unique to this process"
+    "A new temporary name for `path`: hidden, in the same folder, naming its writer's machine and process, never reused"
     path = Path(path)
-    return path.parent/f'.{path.name}.{os.getpid()}.tmp'
+    return path.parent/f'.{path.name}.{_machine()}-{os.getpid()}-{secrets.token_hex(4)}.tmp'
+
+def _fsync_file(f): f.flush(); os.fsync(f.fileno())
+
+def _fsync_folder(folder):
+    "Make a new name in `folder` durable (where the platform can open a folder)"
+    try: fd = os.open(folder, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass  # some file systems refuse fsync on a folder; the file itself was synced
+    finally: os.close(fd)
+
+def _open_temp(path:Path):
+    "Create a temporary file for `path` and hold its lock, so that `clean_stale_temps` anywhere leaves it alone"
+    while True:
+        tmp = temp_name(path)
+        f = open(tmp, 'xb')
+        if _try_lock(f.fileno(), block=True) is None or _same_file(f.fileno(), tmp): return tmp, f
+        f.close()  # a cleaner removed it between its creation and our lock: take another name
+
+def _link_into_place(tmp:Path, path:Path):
+    "Give `tmp`'s file the name `path`, failing if `path` exists (also when another process created it a moment ago)"
+    try: os.link(tmp, path)
+    except FileExistsError: raise FileExistsError(f"{path} already exists; pass another name or overwrite=True") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EMLINK): raise
+        # no hard links here (FAT, some FUSE and SMB mounts): the check and the rename are two steps
+        if path.exists(): raise FileExistsError(f"{path} already exists; pass another name or overwrite=True") from None
+        os.replace(tmp, path); return
+    with contextlib.suppress(OSError): os.unlink(tmp)  # the file has its name; a temporary left here is cleaned later
 
 def atomic_write(path, write, overwrite:bool=True)->dict:
-    "Call `write(f)` on a temporary file next to `path`, then rename it to `path`; return its size and hash"
+    "Call `write(f)` on a temporary file next to `path`, sync it, then give it the name `path`; return its size and hash"
     path = Path(path)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists; pass another name or overwrite=True")
-    tmp, w = temp_name(path), None
+    tmp, w = None, None
     try:
-        with open(tmp, 'wb') as f:
+        tmp, f = _open_temp(path)
+        with f:  # the temporary stays open, and locked, until it has its real name
             w = _HashingWriter(f)
             write(w)
-        os.replace(tmp, path)
+            _fsync_file(f)
+            if overwrite: os.replace(tmp, path)
+            else: _link_into_place(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None: tmp.unlink(missing_ok=True)
         # torch.save reports a failed write (a full disk) as a RuntimeError; give the caller the OSError it can act on
         if w is not None and w.error is not None and not isinstance(e, OSError): raise w.error from e
         raise
     return dict(bytes=w.n, hash=f'{HASH_NAME}:{w.h.hexdigest()}')
 
 # %% ../nbs/00_manifest.ipynb #c1a9e1bd
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
+_FOREIGN_AGE = 3600  # seconds: how old an unlocked temporary of another machine must be before it is deleted
+
+def _try_lock(fd, block:bool):
+    "Lock `fd` exclusively: True when locked, False when another holder has it (`block=False`), None where the file system has no locks"
+    if fcntl is None: return None
+    try: fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError: return False
+    except OSError as e:
+        if e.errno in _NO_LOCKS: return None
+        raise
+    return True
+
+def _same_file(fd, path)->bool:
+    "Is `path` still the file open as `fd` (and not removed, or replaced by a new file, meanwhile)?"
+    try: a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError: return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
 def _alive(pid:int)->bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
     except PermissionError: return True
     return True
 
+_temp_re = re.compile(r'^\..+\.(?:([0-9a-f]{8})-)?(\d+)(?:-[0-9a-f]+)?\.tmp$')
+
+def _stale(p:Path, machine:str, pid:int)->bool:
+    "Delete the temporary `p` if no live writer holds it; True if it was deleted"
+    try: fd = os.open(p, os.O_RDWR)  # NFS locks a file only for writing
+    except PermissionError:  # another user's temporary: a local lock works on a file open for reading
+        try: fd = os.open(p, os.O_RDONLY)
+        except OSError: return False
+    except OSError: return False
+    try:
+        got = _try_lock(fd, block=False)
+        if got is False or not _same_file(fd, p): return False
+        here = machine is None or machine == _machine()
+        if machine is None and pid != os.getpid() and _alive(pid): return False  # an older ckpt_avg's live writer
+        if got is None and not (here and pid != os.getpid() and not _alive(pid)): return False  # no locks: only our own dead pids
+        if not here and time.time() - os.fstat(fd).st_mtime < _FOREIGN_AGE: return False  # its machine's locks may not reach us
+        p.unlink(missing_ok=True)
+        return True
+    finally: os.close(fd)
+
 def clean_stale_temps(folder, prefix:str='')->list:
-    "Delete temporary files left in `folder` by `atomic_write` calls of processes that no longer run"
-    removed = []
+    "Delete temporary files left in `folder` by `atomic_write` calls whose writer is gone, on this machine or another"
     folder = Path(folder)
-    if not folder.is_dir(): return removed
+    if not folder.is_dir(): return []
+    removed = []
     for p in folder.glob(f'.{prefix}*.tmp'):
-        m = re.match(r'^\..+\.(\d+)\.tmp$', p.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            p.unlink(missing_ok=True); removed.append(p)
+        m = _temp_re.match(p.name)
+        if m and _stale(p, m.group(1), int(m.group(2))): removed.append(p)
     return removed
+
+# %% ../nbs/00_manifest.ipynb #1fbb77ef
+_held = threading.local()  # lock files this thread holds: a change inside a change does not wait for itself
+_warned = set()
+
+def _acquire(path:Path):
+    "Open and lock the lock file `path`; retry when its holder removed it meanwhile. Returns the open descriptor"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try: got = _try_lock(fd, block=True)
+        except BaseException: os.close(fd); raise
+        if got is None:
+            if str(path) not in _warned:
+                _warned.add(str(path))
+                warnings.warn(f"{path}: this file system has no working file locks; two processes that save into "
+                              f"{path.parent} at once may lose each other's manifest updates (no file is ever replaced)")
+            return fd
+        if _same_file(fd, path): return fd
+        os.close(fd)
+
+@contextlib.contextmanager
+def locked(path):
+    "Hold an exclusive lock on the lock file `path` (made here, removed on release), across threads, processes and hosts"
+    path, held = Path(path), _held.__dict__.setdefault('paths', set())
+    if str(path) in held: yield; return
+    fd = _acquire(path)
+    held.add(str(path))
+    try: yield
+    finally:
+        held.discard(str(path))
+        try: os.unlink(path)  # while still holding it: a waiter that then gets the old file sees it gone and retries
+        except OSError: pass
+        finally: os.close(fd)
 
 # %% ../nbs/00_manifest.ipynb #07833de6
 SCHEMA, VERSION = 'ckpt_avg.manifest', 1
@@ -97,16 +209,27 @@ def _finite(o):
     return o
 
 # %% ../nbs/00_manifest.ipynb #e8e6ba1f
+def _empty(fname): return dict(schema=SCHEMA, version=VERSION, fname=fname, fits=[], checkpoints=[], averages=[])
+
 class Manifest:
     "The record of every checkpoint of `fname` in `folder`, kept in `{folder}/{fname}_manifest.json`"
     def __init__(self, folder, fname:str='ckpt'):
         self.folder,self.fname = Path(folder),fname
         self.path = self.folder/f'{fname}_manifest.json'
-        self.data = self._read() if self.path.exists() else dict(
-            schema=SCHEMA, version=VERSION, fname=fname, fits=[], checkpoints=[], averages=[])
+        self.lock_path = self.folder/f'.{fname}_manifest.lock'
+        self.data = self._load()
 
-    def _read(self):
-        try: data = json.loads(self.path.read_text())
+    def _load(self)->dict:
+        "The manifest as it is on disk now (an empty one if there is none)"
+        try: text = self.path.read_text()
+        except FileNotFoundError: return _empty(self.fname)
+        except UnicodeDecodeError as e: text = e  # reported as invalid JSON below
+        return self._parse(text)
+
+    def _parse(self, text):
+        try:
+            if isinstance(text, Exception): raise ValueError(text)
+            data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise ManifestError(f"{self.path} is not valid JSON ({e}); restore it from a backup or move it away to start a new manifest") from None
         if not isinstance(data, dict) or data.get('schema') != SCHEMA:
@@ -126,12 +249,32 @@ class Manifest:
     def checkpoints(self)->list: return self.data['checkpoints']
     @property
     def fits(self)->list: return self.data['fits']
+    @property
+    def averages(self)->list: return self.data['averages']
     def file(self, entry)->Path: return self.folder/entry['file']
+    def reload(self):
+        "Read the manifest again, with what other processes recorded since"
+        self.data = self._load(); return self
+
     def write(self):
-        "Write the manifest atomically"
+        "Write `self.data` as the manifest, durably, under the lock. To change it, use the methods below: they merge"
         self.folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(_finite(self.data), indent=1)
-        atomic_write(self.path, lambda f: f.write(text.encode()))
+        with locked(self.lock_path): atomic_write(self.path, lambda f: f.write(text.encode()))
+
+    def _change(self, edit):
+        "Under the lock: re-read the manifest, apply `edit(data)`, write it. If anything fails the manifest is as it was"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with locked(self.lock_path):
+            self.data = self._load()
+            before = copy.deepcopy(self.data)
+            try:
+                res = edit(self.data)
+                if self.data != before: self.write()
+            except BaseException:
+                self.data = before
+                raise
+        return res
 
 # %% ../nbs/00_manifest.ipynb #2aba899f
 _name_re = r'_f(\d+)_(?:s\d+|avg)\.pth$'
@@ -145,12 +288,15 @@ def checkpoint_name(fname:str, fit:int, n:int)->str:
     return f'{fname}_f{fit:03d}_s{n:04d}.pth'
 
 # %% ../nbs/00_manifest.ipynb #5444b164
+def _next_fit(data, folder:Path, fname)->int:
+    ids = [f.get('fit') or 0 for f in data['fits']] + [e.get('fit') or 0 for e in data['checkpoints'] + data['averages']]
+    if folder.exists(): ids += [_fit_of_name(fname, p.name) for p in folder.iterdir()]
+    return max(ids, default=0) + 1
+
 @patch
 def next_fit(self:Manifest)->int:
     "The id for a new fit: one more than any fit this manifest or this folder's file names know"
-    ids = [f.get('fit', 0) for f in self.fits] + [e.get('fit', 0) for e in self.checkpoints]
-    if self.folder.exists(): ids += [_fit_of_name(self.fname, p.name) for p in self.folder.iterdir()]
-    return max(ids, default=0) + 1
+    return _next_fit(self.data, self.folder, self.fname)
 
 @patch
 def live(self:Manifest, fit:int=None)->list:
@@ -161,6 +307,92 @@ def live(self:Manifest, fit:int=None)->list:
 def last(self:Manifest, k:int, fit:int=None)->list:
     "The last `k` live checkpoints of fit `fit` (all fits if `None`), oldest first"
     return self.live(fit)[-k:] if k > 0 else []
+
+# %% ../nbs/00_manifest.ipynb #cce565fd
+@patch
+def start_fit(self:Manifest,
+    prefer:int=None,   # the id to take if no other fit has it (e.g. the one `next_fit` gave before training)
+    fresh:bool=False,  # start the manifest afresh, as fit 1 (`SaveEvery(overwrite=True)`)
+    **info,            # what to record about the fit: `n_epoch`, `triggers`, ...
+)->int:
+    "Record a new fit and return its id, one that no other process writing this manifest has"
+    def edit(data):
+        if fresh: data.update(fits=[], checkpoints=[], averages=[])
+        fit = 1 if fresh else max(prefer or 0, _next_fit(data, self.folder, self.fname))
+        data['fits'].append(dict(fit=fit, started=_now(), **info))
+        return fit
+    return self._change(edit)
+
+def _replace_entry(entries:list, entry:dict):
+    "Append `entry`, dropping an earlier entry of the same file (which an explicit overwrite replaced)"
+    entries[:] = [e for e in entries if e.get('file') != entry['file']] + [dict(entry)]
+
+@patch
+def _record(self:Manifest, key:str, entry:dict):
+    "Add `entry` to `data[key]` (and its fit to `fits`); if that cannot be written, delete the file it names: nothing is half recorded"
+    self._check_name(entry.get('file'))
+    def edit(data):
+        if key == 'checkpoints' and not any(f.get('fit') == entry['fit'] for f in data['fits']):
+            data['fits'].append(dict(fit=entry['fit']))  # a fit that start_fit did not record (its record was reset meanwhile)
+        _replace_entry(data[key], entry)
+    try: self._change(edit)
+    except BaseException:
+        self.file(entry).unlink(missing_ok=True)
+        raise
+
+@patch
+def add_checkpoint(self:Manifest, entry:dict):
+    "Record the checkpoint `entry` (its `file` was just written); if the manifest cannot be written the file is deleted and the error raised"
+    self._record('checkpoints', entry)
+
+@patch
+def record_average(self:Manifest,
+    file:str,          # the average's file name, in this folder (just written, e.g. by `atomic_write`)
+    inputs:list,       # names of the files averaged, oldest first
+    meta:dict,         # its `bytes` and `hash`, as `atomic_write` returns them
+    fit:int=None,      # the fit it averages; None: chosen outside a fit (the command line)
+    weights=None,      # one weight per input; None: equal weights
+    **details,         # how it was made: `strategy`, `recompute_bn`, `report`, `end_with`, `holds`
+):
+    "Record an average; if the manifest cannot be written the file is deleted and the error raised"
+    self._record('averages', dict(file=file, fit=fit, inputs=[str(i) for i in inputs], weights=weights,
+                                  bytes=meta['bytes'], hash=meta['hash'], **details, saved_at=_now()))
+
+@patch
+def set_metrics(self:Manifest, file:str, metrics:dict):
+    "Attach validation `metrics` to the checkpoint `file` (recorded before its epoch's validation ended)"
+    def edit(data):
+        for e in data['checkpoints']:
+            if e.get('file') == file: e['metrics'] = dict(metrics); return
+        raise ManifestError(f"{self.path} lists no checkpoint {file!r}, so its metrics cannot be recorded")
+    self._change(edit)
+
+# %% ../nbs/00_manifest.ipynb #6e2a0eab
+@patch
+def ours(self:Manifest, name:str)->bool:
+    "Is `name` one this library gives to checkpoints of this `fname` (and so one rotation may delete)?"
+    return re.fullmatch(re.escape(self.fname) + r'_f\d+_s\d+\.pth', name) is not None
+
+@patch
+def rotate(self:Manifest,
+    keep:int,      # how many live checkpoints to keep
+    fit:int=None,  # rotate among the saves of this fit only; None: among the saves of every fit
+)->list:
+    "Mark all but the newest `keep` checkpoints removed, write that, then delete their files; returns their entries"
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep={keep!r}: pass the number of checkpoints to keep, an int >= 1")
+    def edit(data):
+        averages = {a.get('file') for a in data['averages']}
+        live = [e for e in data['checkpoints'] if not e.get('removed') and (fit is None or e.get('fit') == fit)
+                and self.ours(e['file']) and e['file'] not in averages]
+        old = live[:-keep]
+        for e in old: e['removed'] = True
+        return [dict(e) for e in old]
+    old = self._change(edit)
+    for e in old:
+        try: self.file(e).unlink(missing_ok=True)
+        except OSError as err: warnings.warn(f"{self.file(e)} could not be deleted ({err}); {self.path} records it as removed")
+    return old
 
 # %% ../nbs/00_manifest.ipynb #4190f6c4
 class IntegrityError(CheckpointError):

@@ -88,6 +88,7 @@ class SaveEveryNCallback(TrainingFitCallback):
         start_at=None,       # no saves before this point: an int epoch (15), a fraction of the fit (0.75) or '2000it'
         background:bool=True,# write on a thread from a reused copy of the state; False: write before training goes on
         steps:int=None,      # save every this many optimizer steps (with `GradientAccumulation`, fewer than batches)
+        keep_scope:str='fit',# what `keep` rotates: 'fit' (this fit's saves only) or 'all' (the saves of every fit of `fname`)
     ):
         if epochs is None and minutes is None and batches is None and steps is None:
             raise ValueError("SaveEvery needs a trigger: pass epochs=, minutes=, batches= or steps= (e.g. SaveEvery(epochs=1))")
@@ -98,6 +99,9 @@ class SaveEveryNCallback(TrainingFitCallback):
             raise ValueError(f"fname={fname!r}: pass a plain file name stem such as 'ckpt' (files go to learn.path/learn.model_dir)")
         if background not in (True, False):
             raise ValueError(f"background={background!r}: pass True (write on a thread, the default) or False (write before training goes on, no extra memory)")
+        if keep_scope not in ('fit', 'all'):
+            raise ValueError(f"keep_scope={keep_scope!r}: pass 'fit' (keep= deletes only this fit's older saves) or 'all' "
+                             "(keep= counts the saves of every fit of this fname, and deletes earlier fits' files too)")
         store_attr()
 
     @property
@@ -114,8 +118,8 @@ def before_fit(self:SaveEveryNCallback):
     if len(_savers(self.learn, self.fname)) > 1:
         raise ValueError(f"two SaveEvery callbacks with fname={self.fname!r} in one fit would write one manifest; give each its own fname")
     self.manifest = Manifest(self.folder, self.fname)
-    if self.overwrite: self.manifest.data.update(fits=[], checkpoints=[], averages=[])
-    self.fit_id = self.manifest.next_fit() if not self.overwrite else 1
+    self.fit_id = self.manifest.next_fit() if not self.overwrite else 1  # provisional: the first save records the fit (`_start_fit`)
+    self._started = False
     self.saved, self.start = L(), time.monotonic()
     self.last_time, self.last_iter = self.start, None
     self._start_writer()
@@ -177,6 +181,7 @@ def _write(self:SaveEveryNCallback, trigger:str):
     "Take the state and its record on the training thread; write it now, or on the writer thread"
     opt = getattr(self.learn, 'opt', None)
     at_end = trigger == 'epochs'
+    if not self._started: self._start_fit()
     self._entry = entry = dict(file=checkpoint_name(self.fname, self.fit_id, len(self.saved)+1), fit=self.fit_id,
         epoch=float(self.epoch+1) if at_end else self.epoch + (self.iter+1)/self.n_iter, iter=self.train_iter,
         seconds=round(time.monotonic()-self.start, 3), train_loss=self._train_loss(),
@@ -188,25 +193,21 @@ def _write(self:SaveEveryNCallback, trigger:str):
     self._writer.submit(partial(self._commit, entry))
 
 @patch
+def _start_fit(self:SaveEveryNCallback):
+    "Record the fit, under the manifest's lock, with an id no other process has (the provisional one, if still free)"
+    triggers = {k:v for k in ('epochs','minutes','batches','steps') if (v:=getattr(self, k)) is not None}
+    self.fit_id = self.manifest.start_fit(prefer=self.fit_id, fresh=self.overwrite, n_epoch=self.n_epoch, triggers=triggers)
+    self._started = True
+
+@patch
 def _commit(self:SaveEveryNCallback, entry):
-    "Write the state to its file, then record it in the manifest; take it all back if the manifest cannot be written"
+    "Write the state to its file (never over an existing one), then record it; if it cannot be recorded the file is removed again"
     self._snapshot.ready()
     self.folder.mkdir(parents=True, exist_ok=True)
     if not self.saved: clean_stale_temps(self.folder, self.fname)
-    name = entry['file']
-    entry.update(atomic_write(self.folder/name, self._write_model, overwrite=self.overwrite), saved_at=_now())
+    entry.update(atomic_write(self.folder/entry['file'], self._write_model, overwrite=self.overwrite), saved_at=_now())
     with self._lock:
-        m = self.manifest
-        new_fit = not any(f.get('fit') == self.fit_id for f in m.fits)
-        if new_fit: m.fits.append(dict(fit=self.fit_id, started=_now(), n_epoch=self.n_epoch,
-                                       triggers={k:v for k in ('epochs','minutes','batches') if (v:=getattr(self, k)) is not None}))
-        m.checkpoints.append(entry)
-        try: m.write()
-        except BaseException:  # the manifest on disk is unchanged: take the save back whole
-            m.checkpoints.pop()
-            if new_fit: m.fits.pop()
-            (self.folder/name).unlink(missing_ok=True)
-            raise
+        self.manifest.add_checkpoint(entry)  # re-read, merged and written under the manifest's lock; the file goes if that fails
         self.saved.append(entry)
         self._rotate()
 
@@ -228,22 +229,14 @@ def _add_metrics(self:SaveEveryNCallback):
     with self._lock:
         self._entry['metrics'] = _metrics(self.learn)
         if not (self.saved and self.saved[-1] is self._entry): return  # in flight: recorded with its metrics; or failed
-        try: self.manifest.write()
+        try: self.manifest.set_metrics(self._entry['file'], self._entry['metrics'])
         except OSError as e: warnings.warn(f"SaveEvery could not record validation metrics in {self.manifest.path} ({e})")
 
 @patch
 def _rotate(self:SaveEveryNCallback):
     if self.keep is None: return
-    old = self.manifest.live()[:-self.keep]
-    if not old: return
-    for e in old: e['removed'] = True
-    try: self.manifest.write()
-    except OSError as e:
-        for o in old: o.pop('removed')
-        return warnings.warn(f"SaveEvery(keep={self.keep}) could not update {self.manifest.path} ({e}); no checkpoint was deleted")
-    for e in old:
-        try: self.manifest.file(e).unlink(missing_ok=True)
-        except OSError as err: warnings.warn(f"SaveEvery(keep={self.keep}) could not delete {self.manifest.file(e)} ({err})")
+    try: self.manifest.rotate(self.keep, fit=self.fit_id if self.keep_scope == 'fit' else None)
+    except OSError as e: warnings.warn(f"SaveEvery(keep={self.keep}) could not update {self.manifest.path} ({e}); no checkpoint was deleted")
 
 @patch
 def after_fit(self:SaveEveryNCallback):

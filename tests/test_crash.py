@@ -1,10 +1,11 @@
 """Crash safety: training with SaveEvery is killed with SIGKILL at chosen and at random moments; nothing is lost.
 
 A "zygote" subprocess imports torch, fastai and ckpt_avg once, then forks one child per kill, so each kill costs
-the child's run time, not a 3 s import. Each child trains digits with `SaveEvery(batches=2, keep=3)` in a folder
+the child's run time, not a 3 s import. Each child trains digits with `SaveEvery(batches=2, keep=3, keep_scope='all')` in a folder
 shared by the whole sequence (so rotation deletes files of earlier fits too) and dies by SIGKILL:
-- at a chosen point: just before or just after the n-th `os.replace` (a checkpoint's or the manifest's rename),
-  the n-th `os.unlink` (rotation), or in the middle of the n-th write of a file's bytes; the child kills itself;
+- at a chosen point: just before or just after the n-th `os.replace` (the manifest's rename), the n-th `os.link`
+  (a checkpoint's or an average's new name), the n-th `os.unlink` (rotation, a temporary after its link, a lock
+  file), or in the middle of the n-th write of a file's bytes; the child kills itself;
 - at a random moment: the test kills it after a random delay, while every write, rename and unlink is slowed down
   a little so that random kills land in them often.
 After every kill the folder is checked (see `Folder.check`). Failures to save (full disk, no permission) are below.
@@ -51,10 +52,11 @@ def child(cmd):
     point, slow = cmd.get('point'), cmd.get('slow', 0)
     hook(os, 'replace', 'replace', point, slow)
     hook(os, 'unlink', 'unlink', point, slow)
+    hook(os, 'link', 'link', point, slow)
     hook(manifest._HashingWriter, 'write', 'write', point, slow/20)  # 'before': dies with part of the file written
     learn = digits_learner(path=cmd['path'], seed=cmd['seed'])
     for dl in learn.dls.loaders: dl.fake_l.num_workers = 0  # no worker processes: the hooks and kills are for this one
-    cbs = [SaveEvery(batches=2, keep=3, with_opt=cmd.get('with_opt', False))]
+    cbs = [SaveEvery(batches=2, keep=3, keep_scope='all', with_opt=cmd.get('with_opt', False))]
     if cmd.get('average'): cbs.append(AverageLast(3, scope='all'))
     with learn.no_bar(), learn.no_logging(): learn.fit(cmd.get('epochs', 2), 0.1, cbs=cbs)
 
@@ -177,6 +179,7 @@ def run_kills(tmp_path, commands, slow):
 def test_sigkill_at_every_kind_of_write_rename_and_delete(tmp_path):
     points = ([['replace', n, w] for n in (1, 2, 3, 4, 5, 6, 8, 11) for w in ('before', 'after')]
               + [['unlink', n, w] for n in (1, 2) for w in ('before', 'after')]
+              + [['link', n, w] for n in (1, 2, 5) for w in ('before', 'after')]
               + [['write', n, 'before'] for n in (1, 3, 9, 20)])
     cmds = [dict(point=p, with_opt=i % 2 == 1) for i, p in enumerate(points)]
     f = run_kills(tmp_path, cmds, slow=0)
@@ -252,10 +255,9 @@ def test_stop_on_error_stops_training_and_keeps_everything(tmp_path):
 
 def test_a_manifest_that_cannot_be_written_takes_the_save_back(tmp_path, monkeypatch):
     learn = digits_learner(path=tmp_path)
-    rec, calls, real = Record(), [0], Manifest.write
-    def write(self):
-        calls[0] += 1
-        if calls[0] == 3: raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    rec, real = Record(), Manifest.write
+    def write(self):  # the write that would record the checkpoint of epoch 3 fails (whichever write that is)
+        if any(e.get('epoch') == 3.0 for e in self.checkpoints): raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         real(self)
     monkeypatch.setattr(Manifest, 'write', write)
     with pytest.warns(UserWarning, match='Read-only file system'):

@@ -133,3 +133,26 @@ def test_the_default_writes_in_the_background_and_synchronous_can_be_asked_for(t
     assert sync.in_background is False and sync.threads == {threading.main_thread().name}
     for bad in ('yes', None):
         with pytest.raises(ValueError, match=f"background={bad!r}: pass True"): SaveEvery(epochs=1, background=bad)
+
+
+def test_every_file_is_synced_before_it_gets_its_name_and_its_folder_after(tmp_path, monkeypatch):
+    "Durability: a checkpoint, the average and the manifest are on the disk (not only in the page cache) when recorded"
+    import os
+    events, real_fsync, real_link, real_replace = [], os.fsync, os.link, os.replace
+    def fsync(fd):
+        events.append(('fsync', 'folder' if os.path.isdir(f'/proc/self/fd/{fd}') else os.path.basename(os.readlink(f'/proc/self/fd/{fd}'))))
+        real_fsync(fd)
+    def named(kind, real):
+        def f(src, dst, *a, **kw): events.append((kind, Path(src).name, Path(dst).name)); return real(src, dst, *a, **kw)
+        return f
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'link', named('link', real_link))
+    monkeypatch.setattr(os, 'replace', named('replace', real_replace))
+    learn = digits_learner(path=tmp_path)
+    fit(learn, 2, [SaveEvery(epochs=1), AverageLast(2, report=False)])
+    for name in ['ckpt_f001_s0001.pth', 'ckpt_f001_s0002.pth', 'ckpt_f001_avg.pth', 'ckpt_manifest.json']:
+        i = next(i for i, e in enumerate(events) if e[0] in ('link', 'replace') and e[2] == name)
+        tmp = events[i][1]
+        assert ('fsync', tmp) in events[:i], f"{name} got its name before its bytes were synced"
+        assert events[i+1] == ('fsync', 'folder'), f"{name}'s new name was not synced: {events[i+1]}"
+    assert [e[2] for e in events if e[0] == 'link'] == ['ckpt_f001_s0001.pth', 'ckpt_f001_s0002.pth', 'ckpt_f001_avg.pth']  # never replacing
