@@ -8,20 +8,9 @@ from ckpt_avg.average import AverageLast
 from ckpt_avg.core import average_checkpoints
 from ckpt_avg.manifest import Manifest, IntegrityError
 from ckpt_avg.demo import digits_learner
-from helpers import fit, state, states_equal, folder
+from helpers import fit, state, states_equal, folder, flip
 
 
-def payload_offset(path):
-    "Offset in `path` of the first bytes of its largest tensor (inside the zip's stored data, not its headers)"
-    sd = torch.load(path, weights_only=True)
-    sd = sd.get('model', sd)
-    t = max(sd.values(), key=lambda t: t.numel())
-    off = path.read_bytes().find(t.numpy().tobytes()[:64])
-    assert off > 0
-    return off + 32
-
-def flip(path):
-    b = bytearray(path.read_bytes()); b[payload_offset(path)] ^= 0x10; path.write_bytes(bytes(b))
 def truncate(path):
     b = path.read_bytes(); path.write_bytes(b[:len(b)//2])
 def replace(path):  # another checkpoint of the same model: same size, other weights

@@ -10,21 +10,8 @@ from ckpt_avg.manifest import Manifest, IntegrityError
 from ckpt_avg.demo import digits_learner
 from ckpt_avg.save import SaveEvery
 from ckpt_avg.average import AverageLast
-from helpers import states_equal
+from helpers import states_equal, flip
 
-
-def payload_offset(path):
-    "Offset in `path` of bytes inside its largest tensor (the weights, not the zip's headers)"
-    sd = torch.load(path, weights_only=True)
-    sd = sd.get('model', sd)
-    t = max(sd.values(), key=lambda t: t.numel())
-    off = path.read_bytes().find(t.numpy().tobytes()[:64])
-    assert off > 0
-    return off + 32
-
-def flip(path):
-    "One bit of a weight changed: same size, loads without complaint (torch.load does not check the CRC32)"
-    b = bytearray(path.read_bytes()); b[payload_offset(path)] ^= 0x10; path.write_bytes(bytes(b))
 
 def learn_save(path):
     "`learn.save` over a checkpoint: another, valid fastai file (with optimizer state) under the checkpoint's name"
