@@ -613,7 +613,7 @@ def _stream_torch(spec, items, f, wrap=None):
     if wrap: obj = {wrap: obj}
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(obj)
-    from .writer import crc32_off  # the one lock around torch's global CRC option, shared with SaveEvery's writer
+    from ckpt_avg.writer import crc32_off  # the one lock around torch's global CRC option, shared with SaveEvery's writer
     with crc32_off(), torch.serialization._open_zipfile_writer(f) as z:  # no CRC32: torch.load never checks it, the manifest's hash does
         for name, data in (('data.pkl', buf.getvalue()), ('.format_version', b'1'), ('.storage_alignment', b'64'), ('byteorder', b'little')):
             z.write_record(name, data, len(data))
