@@ -33,7 +33,7 @@ from fastai.data.load import DataLoader
 from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback
 from ckpt_avg.save import SaveEvery
-import ckpt_avg.manifest as manifest
+import ckpt_avg.files as files
 
 def model_of(width, depth):
     return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU()) for _ in range(depth)],
@@ -95,9 +95,9 @@ def callbacks(mode, with_opt):
 class no_fsync:
     "Within this block, `atomic_write` skips its two fsyncs (the file's and its folder's)"
     def __enter__(self):
-        self.saved = manifest._fsync_file, manifest._fsync_folder
-        manifest._fsync_file, manifest._fsync_folder = (lambda f: f.flush()), (lambda folder: None)
-    def __exit__(self, *exc): manifest._fsync_file, manifest._fsync_folder = self.saved
+        self.saved = files._fsync_file, files._fsync_folder
+        files._fsync_file, files._fsync_folder = (lambda f: f.flush()), (lambda folder: None)
+    def __exit__(self, *exc): files._fsync_file, files._fsync_folder = self.saved
 
 def sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize()

@@ -6,8 +6,9 @@
 __all__ = []
 
 # %% ../nbs/06_all.ipynb #c66f4aeb
-from . import core, manifest, formats, writer, distrib, save, average, strategies, demo
+from . import files, core, manifest, formats, writer, distrib, save, average, strategies, demo
 from .core import *
+from .files import *
 from .manifest import *
 from .formats import *
 from .writer import *
@@ -18,4 +19,4 @@ from .strategies import *
 from .demo import *
 
 # %% ../nbs/06_all.ipynb #4cea4b73
-__all__ = [name for module in (core, manifest, formats, writer, distrib, save, average, strategies, demo) for name in module.__all__]
+__all__ = [name for module in (files, core, manifest, formats, writer, distrib, save, average, strategies, demo) for name in module.__all__]

@@ -16,7 +16,8 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.tracker import SaveModelCallback
 from fastai.torch_core import rank_distrib, get_model
-from .manifest import Manifest, atomic_write
+from .files import atomic_write
+from .manifest import Manifest
 from .core import average_checkpoints, plan_entries
 from .save import SaveEveryNCallback, TrainingFitCallback, training_fit, _savers
 from .strategies import check_strategy, select_checkpoints, greedy_soup, recompute_bn, _NEEDS_METRIC

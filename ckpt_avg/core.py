@@ -7,7 +7,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import importlib.util, math, os, sys, warnings, numpy as np, torch
-from .manifest import Manifest, ManifestError, IntegrityError, check_no_double_count, file_hash
+from .files import ManifestError, IntegrityError, file_hash
+from .manifest import Manifest, check_no_double_count
 from .formats import CheckpointError, read_checkpoint, write_stream
 
 # %% auto #0

@@ -7,13 +7,13 @@ from __future__ import annotations
 import collections, io, json, math, mmap, os, pickle, re, struct, sys, zipfile
 from pathlib import Path
 import torch
-from .manifest import atomic_write
+from .files import atomic_write
 
 # %% auto #0
 __all__ = ['FORMATS', 'Checkpoint', 'read_checkpoint', 'write_stream', 'write_checkpoint', 'CheckpointError']
 
 # %% ../nbs/07_formats.ipynb #aad65324
-from .manifest import CheckpointError  # defined with the manifest, so that IntegrityError can be one too
+from .files import CheckpointError
 _all_ = ['CheckpointError']
 
 _STORAGES = {'Float':'float32', 'Double':'float64', 'Half':'float16', 'BFloat16':'bfloat16', 'Long':'int64', 'Int':'int32',

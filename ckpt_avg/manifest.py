@@ -4,200 +4,16 @@
 
 # %% ../nbs/00_manifest.ipynb #a3466450
 from __future__ import annotations
-import contextlib, copy, errno, json, os, re, secrets, socket, threading, time, datetime, warnings
+import copy, json, re, datetime, warnings
 from pathlib import Path
-import xxhash
 from fastcore.basics import patch
-try: import fcntl
-except ImportError: fcntl = None  # Windows: no advisory locks; see "Two writers, one folder"
+from .files import HASH_NAME, file_hash, atomic_write, locked, CheckpointError, ManifestError, IntegrityError
 
 # %% auto #0
-__all__ = ['HASH_NAME', 'SCHEMA', 'VERSION', 'file_hash', 'temp_name', 'atomic_write', 'clean_stale_temps', 'locked',
-           'CheckpointError', 'ManifestError', 'Manifest', 'checkpoint_name', 'IntegrityError', 'check_no_double_count']
-
-# %% ../nbs/00_manifest.ipynb #2f907712
-HASH_NAME = 'xxh3_128'
-
-def _new_hasher(): return xxhash.xxh3_128()
-
-def file_hash(path, chunk:int=1<<22)->str:
-    "Content hash of the file at `path`, as recorded in the manifest"
-    h = _new_hasher()
-    with open(path, 'rb') as f:
-        while b := f.read(chunk): h.update(b)
-    return f'{HASH_NAME}:{h.hexdigest()}'
-
-# %% ../nbs/00_manifest.ipynb #2d660d67
-class _HashingWriter:
-    "A write-only file wrapper that counts and hashes every byte on its way to `f`, and remembers a failed write"
-    def __init__(self, f): self.f,self.h,self.n,self.error = f,_new_hasher(),0,None
-    def write(self, b):
-        self.h.update(b); self.n += len(b)
-        return self._do(self.f.write, b)
-    def flush(self): self._do(self.f.flush)
-    def _do(self, op, *args):
-        try: return op(*args)
-        except OSError as e: self.error = e; raise
-
-def _machine()->str:
-    "A short id of this kernel (its boot id; the host name where there is none): processes that share it share flock"
-    try: ident = Path('/proc/sys/kernel/random/boot_id').read_text().strip()
-    except OSError: ident = socket.gethostname()
-    return xxhash.xxh3_64_hexdigest(ident.encode())[:8]
-
-def temp_name(path)->Path:
-    "A new temporary name for `path`: hidden, in the same folder, naming its writer's machine and process, never reused"
-    path = Path(path)
-    return path.parent/f'.{path.name}.{_machine()}-{os.getpid()}-{secrets.token_hex(4)}.tmp'
-
-def _fsync_file(f): f.flush(); os.fsync(f.fileno())
-
-def _fsync_folder(folder):
-    "Make a new name in `folder` durable (where the platform can open a folder)"
-    try: fd = os.open(folder, os.O_RDONLY)
-    except OSError: return
-    try: os.fsync(fd)
-    except OSError: pass  # some file systems refuse fsync on a folder; the file itself was synced
-    finally: os.close(fd)
-
-def _open_temp(path:Path):
-    "Create a temporary file for `path` and hold its lock, so that `clean_stale_temps` anywhere leaves it alone"
-    while True:
-        tmp = temp_name(path)
-        f = open(tmp, 'xb')
-        if _try_lock(f.fileno(), block=True) is None or _same_file(f.fileno(), tmp): return tmp, f
-        f.close()  # a cleaner removed it between its creation and our lock: take another name
-
-def _link_into_place(tmp:Path, path:Path):
-    "Give `tmp`'s file the name `path`, failing if `path` exists (also when another process created it a moment ago)"
-    try: os.link(tmp, path)
-    except FileExistsError: raise FileExistsError(f"{path} already exists; pass another name or overwrite=True") from None
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EMLINK): raise
-        # no hard links here (FAT, some FUSE and SMB mounts): the check and the rename are two steps
-        if path.exists(): raise FileExistsError(f"{path} already exists; pass another name or overwrite=True") from None
-        os.replace(tmp, path); return
-    with contextlib.suppress(OSError): os.unlink(tmp)  # the file has its name; a temporary left here is cleaned later
-
-def atomic_write(path, write, overwrite:bool=True)->dict:
-    "Call `write(f)` on a temporary file next to `path`, sync it, then give it the name `path`; return its size and hash"
-    path = Path(path)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} already exists; pass another name or overwrite=True")
-    tmp, w = None, None
-    try:
-        tmp, f = _open_temp(path)
-        with f:  # the temporary stays open, and locked, until it has its real name
-            w = _HashingWriter(f)
-            write(w)
-            _fsync_file(f)
-            if overwrite: os.replace(tmp, path)
-            else: _link_into_place(tmp, path)
-        _fsync_folder(path.parent)
-    except BaseException as e:
-        if tmp is not None: tmp.unlink(missing_ok=True)
-        # torch.save reports a failed write (a full disk) as a RuntimeError; give the caller the OSError it can act on
-        if w is not None and w.error is not None and not isinstance(e, OSError): raise w.error from e
-        raise
-    return dict(bytes=w.n, hash=f'{HASH_NAME}:{w.h.hexdigest()}')
-
-# %% ../nbs/00_manifest.ipynb #c1a9e1bd
-_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
-_FOREIGN_AGE = 3600  # seconds: how old an unlocked temporary of another machine must be before it is deleted
-
-def _try_lock(fd, block:bool):
-    "Lock `fd` exclusively: True when locked, False when another holder has it (`block=False`), None where the file system has no locks"
-    if fcntl is None: return None
-    try: fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-    except BlockingIOError: return False
-    except OSError as e:
-        if e.errno in _NO_LOCKS: return None
-        raise
-    return True
-
-def _same_file(fd, path)->bool:
-    "Is `path` still the file open as `fd` (and not removed, or replaced by a new file, meanwhile)?"
-    try: a, b = os.fstat(fd), os.stat(path)
-    except FileNotFoundError: return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-def _alive(pid:int)->bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
-_temp_re = re.compile(r'^\..+\.(?:([0-9a-f]{8})-)?(\d+)(?:-[0-9a-f]+)?\.tmp$')
-
-def _stale(p:Path, machine:str, pid:int)->bool:
-    "Delete the temporary `p` if no live writer holds it; True if it was deleted"
-    try: fd = os.open(p, os.O_RDWR)  # NFS locks a file only for writing
-    except PermissionError:  # another user's temporary: a local lock works on a file open for reading
-        try: fd = os.open(p, os.O_RDONLY)
-        except OSError: return False
-    except OSError: return False
-    try:
-        got = _try_lock(fd, block=False)
-        if got is False or not _same_file(fd, p): return False
-        here = machine is None or machine == _machine()
-        if machine is None and pid != os.getpid() and _alive(pid): return False  # an older ckpt_avg's live writer
-        if got is None and not (here and pid != os.getpid() and not _alive(pid)): return False  # no locks: only our own dead pids
-        if not here and time.time() - os.fstat(fd).st_mtime < _FOREIGN_AGE: return False  # its machine's locks may not reach us
-        p.unlink(missing_ok=True)
-        return True
-    finally: os.close(fd)
-
-def clean_stale_temps(folder, prefix:str='')->list:
-    "Delete temporary files left in `folder` by `atomic_write` calls whose writer is gone, on this machine or another"
-    folder = Path(folder)
-    if not folder.is_dir(): return []
-    removed = []
-    for p in folder.glob(f'.{prefix}*.tmp'):
-        m = _temp_re.match(p.name)
-        if m and _stale(p, m.group(1), int(m.group(2))): removed.append(p)
-    return removed
-
-# %% ../nbs/00_manifest.ipynb #1fbb77ef
-_held = threading.local()  # lock files this thread holds: a change inside a change does not wait for itself
-_warned = set()
-
-def _acquire(path:Path):
-    "Open and lock the lock file `path`; retry when its holder removed it meanwhile. Returns the open descriptor"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try: got = _try_lock(fd, block=True)
-        except BaseException: os.close(fd); raise
-        if got is None:
-            if str(path) not in _warned:
-                _warned.add(str(path))
-                warnings.warn(f"{path}: this file system has no working file locks; two processes that save into "
-                              f"{path.parent} at once may lose each other's manifest updates (no file is ever replaced)")
-            return fd
-        if _same_file(fd, path): return fd
-        os.close(fd)
-
-@contextlib.contextmanager
-def locked(path):
-    "Hold an exclusive lock on the lock file `path` (made here, removed on release), across threads, processes and hosts"
-    path, held = Path(path), _held.__dict__.setdefault('paths', set())
-    if str(path) in held: yield; return
-    fd = _acquire(path)
-    held.add(str(path))
-    try: yield
-    finally:
-        held.discard(str(path))
-        try: os.unlink(path)  # while still holding it: a waiter that then gets the old file sees it gone and retries
-        except OSError: pass
-        finally: os.close(fd)
+__all__ = ['SCHEMA', 'VERSION', 'Manifest', 'checkpoint_name', 'check_no_double_count']
 
 # %% ../nbs/00_manifest.ipynb #07833de6
 SCHEMA, VERSION = 'ckpt_avg.manifest', 1
-
-class CheckpointError(ValueError):
-    "A file that is not a usable checkpoint, or checkpoints that cannot be averaged together"
-
-class ManifestError(ValueError):
-    "A manifest that cannot be used as it is"
 
 def _now(): return datetime.datetime.now().isoformat(timespec='seconds')
 
@@ -395,9 +211,6 @@ def rotate(self:Manifest,
     return old
 
 # %% ../nbs/00_manifest.ipynb #4190f6c4
-class IntegrityError(CheckpointError):
-    "A checkpoint file that is missing, or no longer holds the bytes its manifest entry recorded"
-
 def _problem(path:Path, entry:dict):
     "Why the file at `path` does not match `entry` (a short phrase), or `None` when it does"
     if not path.is_file(): return "is missing"

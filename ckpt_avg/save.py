@@ -12,7 +12,8 @@ from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.callback.tracker import TrackerCallback
 from fastai.torch_core import rank_distrib, get_model
-from .manifest import Manifest, atomic_write, checkpoint_name, clean_stale_temps, _now
+from .files import atomic_write, clean_stale_temps
+from .manifest import Manifest, checkpoint_name, _now
 from .writer import Snapshot, BackgroundWriter, save_no_crc
 from .distrib import rank0_decides
 

@@ -12,7 +12,8 @@ the library did not give; a record that cannot be written takes its file with it
 import errno, json, os, signal, subprocess, sys, time, warnings
 from pathlib import Path
 import pytest, torch
-from ckpt_avg.manifest import Manifest, atomic_write, checkpoint_name, clean_stale_temps, file_hash, _machine
+from ckpt_avg.files import atomic_write, clean_stale_temps, file_hash, _machine
+from ckpt_avg.manifest import Manifest, checkpoint_name
 from ckpt_avg.save import SaveEvery
 from ckpt_avg.average import AverageLast
 from ckpt_avg.demo import digits_learner

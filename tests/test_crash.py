@@ -27,7 +27,7 @@ ZYGOTE = r'''
 import json, os, signal, sys, time, traceback, warnings
 warnings.filterwarnings('ignore')
 import torch; torch.set_num_threads(1)
-import ckpt_avg.manifest as manifest
+import ckpt_avg.files as files
 from ckpt_avg.save import SaveEvery
 from ckpt_avg.average import AverageLast
 from ckpt_avg.demo import digits_learner
@@ -53,7 +53,7 @@ def child(cmd):
     hook(os, 'replace', 'replace', point, slow)
     hook(os, 'unlink', 'unlink', point, slow)
     hook(os, 'link', 'link', point, slow)
-    hook(manifest._HashingWriter, 'write', 'write', point, slow/20)  # 'before': dies with part of the file written
+    hook(files._HashingWriter, 'write', 'write', point, slow/20)  # 'before': dies with part of the file written
     learn = digits_learner(path=cmd['path'], seed=cmd['seed'])
     for dl in learn.dls.loaders: dl.fake_l.num_workers = 0  # no worker processes: the hooks and kills are for this one
     cbs = [SaveEvery(batches=2, keep=3, keep_scope='all', with_opt=cmd.get('with_opt', False))]
