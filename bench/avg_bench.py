@@ -150,7 +150,7 @@ def main():
     ap.add_argument('--cold', action='store_true', help='drop the page cache before each in-process run (root only)')
     ap.add_argument('--dir', type=Path, help='where to write the checkpoints (default: a temporary folder, removed at the end)')
     ap.add_argument('--kernels', default='numpy,numba' if find_spec('numba') else 'numpy',
-                    help="the engine's kernels to time side by side, comma-separated (auto, numpy, numba; see ckpt_avg.core; "
+                    help="the engine's kernels to time side by side, comma-separated (auto, numpy, numba; see ckpt_avg.kernels; "
                          "default: numpy, and numba where it is installed)")
     ap.add_argument('--no-naive', action='store_true', help='skip the naive baseline (it needs K+1 models of memory)')
     a = ap.parse_args()
@@ -194,11 +194,11 @@ def main():
         def naive_avg():
             st = [(lambda o: o['model'] if 'opt' in o else o)(torch.load(f, weights_only=False)) for f in files]
             return {k: torch.stack([s[k] for s in st]).mean(0) if v.is_floating_point() else v for k, v in st[-1].items()}
-        import ckpt_avg.core as core
+        import ckpt_avg.kernels as kernel_mod  # `kernels` here names the kernels to time
         def fp32_acc():
-            core._ACC = torch.float32
+            kernel_mod._ACC = torch.float32
             try: return average_checkpoints(files, kernel='numpy')  # the numpy kernel: the one _ACC changes
-            finally: core._ACC = torch.float64
+            finally: kernel_mod._ACC = torch.float64
         def plain_fp32():
             "The plain float32 accumulator: whole tensors, `acc += x` for each input, then `acc /= K`, on the same mapped files"
             from ckpt_avg.formats import read_checkpoint
@@ -213,10 +213,10 @@ def main():
         def fp32_acc_numba():
             "our engine with the numba kernel's loop accumulating in float32 (bench/fused_kernel.py): not exact"
             from fused_kernel import numba_f32_window
-            real = core._numba_window
-            core._numba_window = numba_f32_window
+            real = kernel_mod._numba_window
+            kernel_mod._numba_window = numba_f32_window
             try: return average_checkpoints(files, kernel='numba')
-            finally: core._numba_window = real
+            finally: kernel_mod._numba_window = real
         ours = {f'ours-{kn}': (lambda kn=kn: average_checkpoints(files, kernel=kn)) for kn in kernels}
         yard = dict(fp32acc=fp32_acc, **({'fp32acc-numba': fp32_acc_numba} if 'numba' in kernels else {}))
         ways = dict(cat=lambda: cat_model_bytes(files), **ours, **yard, plain32=plain_fp32, naive=naive_avg)

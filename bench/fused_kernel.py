@@ -1,13 +1,13 @@
 """What the fused numba kernel buys: exact averaging at the cost of a float32 accumulator, and what loading it costs.
 
-Our engine (`ckpt_avg.core`) has two exact kernels: numpy's, which converts each chunk of each input to float64 in a
+Our engine has two exact kernels (`ckpt_avg.kernels`): numpy's, which converts each chunk of each input to float64 in a
 scratch buffer and then adds (two passes), and numba's (`ckpt_avg.fused`), one compiled loop that converts, adds,
 divides and rounds once. This script measures, on K in-memory fp32 tensors in one process, side by side and
 alternated (no page faults or page releases dilute the arithmetic here; `avg_bench.py` measures real files):
 
 * plain float32: `acc = x0.clone(); acc += x; acc /= K` in torch (not exact),
 * numba float32: the numba kernel's loop with a float32 accumulator (not exact): the same technology, priced,
-* numpy kernel and numba kernel: `ckpt_avg.core._average_tensor` (exact, checked against the float64 mean),
+* numpy kernel and numba kernel: `ckpt_avg.kernels._average_tensor` (exact, checked against the float64 mean),
 
 and, in fresh processes, what the numba kernel costs before its first result: with an empty kernel cache (cold,
 compiling) and with the cache the first process filled (warm), each against `import torch` alone.
@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np, torch
 import numba
-from ckpt_avg.core import _numba_window as real_numba_window
+from ckpt_avg.kernels import _numba_window as real_numba_window
 
 def numba_f32_window(weights, k, dtype=None):
-    "A stand-in for `ckpt_avg.core._numba_window` accumulating in float32 (not exact): the same numba loop, in float32"
+    "A stand-in for `ckpt_avg.kernels._numba_window` accumulating in float32 (not exact): the same numba loop, in float32"
     return real_numba_window(weights, k, np.float32)
 
 def inputs(mb, k):
@@ -57,22 +57,22 @@ def main():
     a = p.parse_args()
     cold, warm = first_use(a.k)
     torch.set_num_threads(a.threads)
-    import ckpt_avg.core as core
+    import ckpt_avg.kernels as kernels
     xs = inputs(a.mb, a.k)
     ref = (sum(x.double() for x in xs)/len(xs)).float()
     chunk = 1 << 18
-    for kn in ('numpy', 'numba'): assert torch.equal(core._average_tensor(xs, None, chunk, kernel=kn), ref), kn
+    for kn in ('numpy', 'numba'): assert torch.equal(kernels._average_tensor(xs, None, chunk, kernel=kn), ref), kn
     def plain():
         acc = xs[0].clone()
         for x in xs[1:]: acc.add_(x)
         return acc.div_(len(xs))
     def numba_f32():
-        core._numba_window = numba_f32_window
-        try: return core._average_tensor(xs, None, chunk, kernel='numba')
-        finally: core._numba_window = real_numba_window
+        kernels._numba_window = numba_f32_window
+        try: return kernels._average_tensor(xs, None, chunk, kernel='numba')
+        finally: kernels._numba_window = real_numba_window
     ways = {'plain float32': plain, 'numba float32': numba_f32,
-            'numpy kernel': lambda: core._average_tensor(xs, None, chunk, kernel='numpy'),
-            'numba kernel': lambda: core._average_tensor(xs, None, chunk, kernel='numba')}
+            'numpy kernel': lambda: kernels._average_tensor(xs, None, chunk, kernel='numpy'),
+            'numba kernel': lambda: kernels._average_tensor(xs, None, chunk, kernel='numba')}
     times = {n: [] for n in ways}
     for r in range(a.reps + 1):
         for n, f in (ways.items() if r % 2 else reversed(ways.items())):

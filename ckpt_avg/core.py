@@ -4,12 +4,12 @@
 
 # %% ../nbs/01_core.ipynb #f17aca89
 from __future__ import annotations
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-import importlib.util, math, os, sys, warnings, numpy as np, torch
+import math, os, warnings, torch
 from .files import ManifestError, IntegrityError, file_hash
 from .manifest import Manifest, check_no_double_count
 from .formats import CheckpointError, read_checkpoint, write_stream
+from .kernels import _average_tensor, _kernel
 
 # %% auto #0
 __all__ = ['load_state', 'normalised_weights', 'AveragePlan', 'plan_average', 'plan_entries', 'average_checkpoints',
@@ -55,125 +55,6 @@ def _check_compatible(states, files):
     for s, f in zip(states[1:], files[1:]):
         if m := _mismatch(states[0], s, files[0], f):
             raise CheckpointError(f"{m}: these checkpoints are of different models or precisions; average only saves of one model")
-
-# %% ../nbs/01_core.ipynb #291b36d1
-_WINDOW = 4<<20
-_ACC = torch.float64  # the accumulator; bench/avg_bench.py compares float32 here to price exactness
-_BY_NUMPY = (torch.float32, torch.float64, torch.complex64, torch.complex128)  # float16, bfloat16: torch converts them faster
-
-def _flat(t):
-    "`t` as one dimension: a numpy view where numpy converts its dtype fast, else the tensor"
-    t = t.reshape(-1)
-    return t.numpy() if t.dtype in _BY_NUMPY else t
-
-def _convert(dst, src):
-    "Copy `src` (a numpy array or a tensor) into `dst` (one of them too), converting dtypes, rounding once"
-    if isinstance(src, np.ndarray) and isinstance(dst, np.ndarray): np.copyto(dst, src, casting='same_kind')
-    else: torch.as_tensor(dst).copy_(torch.as_tensor(src))
-
-def _scratch(buffers:dict, key, chunk:int):
-    "Two `chunk`-element numpy buffers for `key` (dtype, worker), allocated once per average and reused for every tensor"
-    if key not in buffers: buffers[key] = tuple(torch.empty(chunk, dtype=key[0]).numpy() for _ in range(2))
-    return buffers[key]
-
-def _numpy_window(out, scratch, xs, weights, chunk:int):
-    "`out` = the exact (weighted) mean of the flat slices `xs`, chunk by chunk: convert into float64 `scratch`, then add"
-    acc, tmp = scratch
-    k = len(xs)
-    for i in range(0, len(out), chunk):
-        j = min(i+chunk, len(out))
-        a, b = acc[:j-i], tmp[:j-i]
-        _convert(a, xs[0][i:j])
-        if weights: np.multiply(a, weights[0], out=a)
-        for s, w in zip(xs[1:], (weights or [None]*k)[1:]):
-            _convert(b, s[i:j])
-            if w is not None: np.multiply(b, w, out=b)
-            np.add(a, b, out=a)
-        if not weights: np.divide(a, k, out=a)
-        _convert(out[i:j], a)
-
-def _average_range(srcs, flat, o, lo:int, hi:int, weights, chunk:int, scratch, release, window_fn=_numpy_window):
-    "Elements `lo:hi` of the mean of `flat` (the sources, flat) into `o`, a window of a few chunks at a time"
-    # give the inputs' pages back after each window: about _WINDOW bytes of inputs mapped at any time, whatever K
-    window = chunk * max(1, _WINDOW // (len(flat) * chunk * srcs[0].element_size()))
-    for i in range(lo, hi, window):
-        j = min(i+window, hi)
-        window_fn(o[i:j], scratch, tuple(s[i:j] for s in flat), weights, chunk)
-        if release:
-            for r, s in zip(release, srcs): r(s.reshape(-1)[i:j])
-
-_POOL = None
-def _pool(workers:int)->ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL._max_workers < workers: _POOL = ThreadPoolExecutor(workers, thread_name_prefix='ckpt_avg')
-    return _POOL
-
-def _average_tensor(srcs, weights, chunk:int, out=None, release=None, buffers=None, kernel:str='numpy'):
-    "Exact (weighted) mean of same-shaped tensors `srcs`, in float64 chunks, in their own dtype, into `out` if given"
-    if out is None: out = torch.empty(srcs[0].shape, dtype=srcs[0].dtype)
-    n, buffers = out.numel(), {} if buffers is None else buffers
-    acc_dtype = torch.complex128 if srcs[0].is_complex() else _ACC
-    numba = kernel == 'numba' and srcs[0].dtype in _BY_NUMBA and acc_dtype == torch.float64
-    window_fn = _numba_window(weights, len(srcs)) if numba else _numpy_window
-    as_array = _numba_array if numba else _flat
-    flat, o = [as_array(s) for s in srcs], as_array(out.detach())
-    # torch's thread count (`torch.set_num_threads`, `--threads`) splits a large tensor into chunk-aligned parts
-    w = max(1, min(torch.get_num_threads(), n // chunk))
-    cuts = [n*t//w//chunk*chunk for t in range(w)] + [n]
-    part = lambda t: _average_range(srcs, flat, o, cuts[t], cuts[t+1], weights, chunk, _scratch(buffers, (acc_dtype, t), chunk), release, window_fn)
-    if w == 1: part(0)
-    else: list(_pool(w).map(part, range(w)))  # numpy and numba let go of the GIL while they work; an error is raised here
-    return out
-
-# %% ../nbs/01_core.ipynb #4481ca94
-_BY_NUMBA = (torch.float32, torch.float64, torch.bfloat16)  # bfloat16 as its bits; numba has no float16 arithmetic on the CPU
-_KERNELS = ('auto', 'numpy', 'numba')
-_NUMBA_PAYS = 16<<30  # bytes of float32/float64/bfloat16 inputs from which numba saves more (~40 ms per GB) than its loading costs (~0.45 s)
-
-def _numba_array(t):
-    "`t` as a flat numpy array for the numba kernel: a view of its float32/float64 values, or of a bfloat16's bits"
-    t = t.reshape(-1)
-    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
-
-def _numba_window(weights, k:int, dtype=np.float64):
-    "A window function like `_numpy_window` running `ckpt_avg.fused`'s one pass, its weights bound once; sums in `dtype`"
-    from ckpt_avg import fused
-    ws, div = (np.asarray(weights, dtype=dtype), dtype(1)) if weights else (np.ones(k, dtype=dtype), dtype(k))
-    def window(out, scratch, xs, weights, chunk:int):  # `weights`: bound above
-        acc = scratch[0].view(dtype)[:chunk]
-        if out.dtype == np.uint16: fused.mean_window_bf16(out, acc, scratch[1].view(np.uint32), xs, ws, div, chunk)  # bfloat16 bits
-        else: fused.mean_window(out, acc, xs, ws, div, chunk)
-    return window
-
-def _numba_ready(ckpts, weights, chunk:int)->str|None:
-    "Load numba's kernel for each dtype of `ckpts` it handles, on slices of their own arrays: `None`, or why it failed"
-    firsts = {}
-    for key, t in ckpts[0].state.items():
-        if t.dtype in _BY_NUMBA and t.numel() and t.dtype not in firsts: firsts[t.dtype] = key
-    try:
-        for key in firsts.values():
-            xs = tuple(_numba_array(c.state[key])[:1] for c in ckpts)
-            _numba_window(weights, len(ckpts))(np.empty_like(xs[0]), (np.empty(chunk), np.empty(chunk)), xs, weights, chunk)
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [''])[0][:200]
-        return (f"kernel='numba' needs the numba package, working with this numpy, and it failed here ({type(e).__name__}: "
-                f"{why}); install it with `pip install \"ckpt_avg[numba]\"`, or pass kernel='numpy': the same result, a little slower")
-
-def _numba_pays(ckpts)->bool:
-    "Whether loading numba pays for `ckpts`: it is loaded already, or the inputs it would average are large"
-    if 'ckpt_avg.fused' in sys.modules: return True
-    if importlib.util.find_spec('numba') is None: return False
-    return sum(t.numel()*t.element_size() for t in ckpts[0].state.values() if t.dtype in _BY_NUMBA) * len(ckpts) >= _NUMBA_PAYS
-
-def _kernel(kernel, ckpts, weights, chunk:int)->str:
-    "The kernel to use, `'numpy'` or `'numba'`, made ready before anything is written; refuse an unknown or unusable one"
-    if kernel not in _KERNELS: raise ValueError(f"kernel={kernel!r}: pass one of {', '.join(map(repr, _KERNELS))}")
-    if kernel == 'numpy' or (kernel == 'auto' and not _numba_pays(ckpts)): return 'numpy'
-    why = _numba_ready(ckpts, weights, chunk)
-    if why is None: return 'numba'
-    if kernel == 'numba': raise ValueError(why)
-    warnings.warn(f"kernel='auto' chose numba, which is installed but could not load; averaging with numpy instead. {why}")
-    return 'numpy'
 
 # %% ../nbs/01_core.ipynb #f176e7b6
 def _weights_problem(w:list)->str|None:
@@ -397,7 +278,8 @@ def _averages(ckpts, weights, chunk, dst=lambda key: None, progress=False, kerne
     with torch.no_grad():
         for key in _progress(list(states[0]), progress):
             srcs = [s[key] for s in states]
-            if srcs[0].is_floating_point() or srcs[0].is_complex(): yield key, _average_tensor(srcs, weights, chunk, dst(key), release, buffers, kernel)
+            if srcs[0].is_floating_point() or srcs[0].is_complex(): yield key, _average_tensor(srcs, weights, chunk, out=dst(key), release=release,
+                                                                                buffers=buffers, kernel=kernel)
             else: yield key, srcs[-1]
             for c, t in zip(ckpts, srcs): c.release(t)
 

@@ -174,22 +174,22 @@ def test_numba_kernel_gives_the_same_bits(tmp_path, dtype, threads, monkeypatch)
 
 def test_numba_kernel_does_the_work_where_asked_and_auto_where_it_pays(tmp_path, monkeypatch):
     numba_or_skip()
-    import ckpt_avg.core as core
+    import ckpt_avg.kernels as kernels
     files = noisy_saves(tmp_path, torch.float32)
     used = []
-    real = core._numba_window
-    monkeypatch.setattr(core, '_numba_window', lambda *a: (lambda *b: used.append(b[2][0].dtype) or real(*a)(*b)))
+    real = kernels._numba_window
+    monkeypatch.setattr(kernels, '_numba_window', lambda *a: (lambda *b: used.append(b[2][0].dtype) or real(*a)(*b)))
     average_checkpoints(files, kernel='numpy'); assert not used
     average_checkpoints(files, kernel='numba'); assert used and set(used) == {np.dtype('float32')}
     used.clear()
     monkeypatch.delitem(sys.modules, 'ckpt_avg.fused')  # a fresh process: numba not loaded yet
     average_checkpoints(files); assert not used  # 'auto' on 0.2 MB of inputs: not worth loading numba
-    monkeypatch.setattr(core, '_NUMBA_PAYS', 1)
+    monkeypatch.setattr(kernels, '_NUMBA_PAYS', 1)
     average_checkpoints(files); assert used  # 'auto' on inputs large enough
 
 
 def test_a_kernel_that_cannot_load_or_is_unknown_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    import ckpt_avg.core as core
+    import ckpt_avg.kernels as kernels
     files = noisy_saves(tmp_path, torch.float32)
     out = tmp_path/'avg.pth'
     with pytest.raises(ValueError, match="kernel='fast': pass one of 'auto', 'numpy', 'numba'"): average_to_file(files, out, kernel='fast')
@@ -205,7 +205,7 @@ def test_a_kernel_that_cannot_load_or_is_unknown_is_refused_before_anything_is_w
     assert main(['average', *map(str, files), '-o', str(out), '--kernel', 'numba']) == 1  # the message, no traceback
     assert not out.exists() and not list(tmp_path.glob('.*.tmp')) and all((v == 0).all() for v in model.values())
     # 'auto' where numba would pay but cannot load: a warning, and numpy does the work
-    monkeypatch.setattr(core, '_NUMBA_PAYS', 1)
+    monkeypatch.setattr(kernels, '_NUMBA_PAYS', 1)
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: object() if name == 'numba' else find_spec(name, *a))
     with pytest.warns(UserWarning, match="kernel='auto' chose numba, which is installed but could not load; averaging with numpy"):
         avg = average_checkpoints(files)
