@@ -5,6 +5,7 @@
 # %% ../nbs/00_manifest.ipynb #a3466450
 from __future__ import annotations
 import copy, json, re, datetime, warnings
+from functools import partial
 from pathlib import Path
 from fastcore.basics import patch
 from .files import HASH_NAME, file_hash, atomic_write, locked, CheckpointError, ManifestError, IntegrityError
@@ -144,22 +145,30 @@ def _replace_entry(entries:list, entry:dict):
     entries[:] = [e for e in entries if e.get('file') != entry['file']] + [dict(entry)]
 
 @patch
-def _record(self:Manifest, key:str, entry:dict):
-    "Add `entry` to `data[key]` (and its fit to `fits`); if that cannot be written, delete the file it names: nothing is half recorded"
+def _record(self:Manifest, key:str, entry:dict, then=None):
+    "Add `entry` to `data[key]` (and its fit to `fits`), then `then(data)`, in one write; if it cannot be written, delete the file `entry` names: nothing is half recorded"
     self._check_name(entry.get('file'))
     def edit(data):
         if key == 'checkpoints' and not any(f.get('fit') == entry['fit'] for f in data['fits']):
             data['fits'].append(dict(fit=entry['fit']))  # a fit that start_fit did not record (its record was reset meanwhile)
         _replace_entry(data[key], entry)
-    try: self._change(edit)
+        return then(data) if then is not None else []
+    try: return self._change(edit)
     except BaseException:
         self.file(entry).unlink(missing_ok=True)
         raise
 
 @patch
-def add_checkpoint(self:Manifest, entry:dict):
-    "Record the checkpoint `entry` (its `file` was just written); if the manifest cannot be written the file is deleted and the error raised"
-    self._record('checkpoints', entry)
+def add_checkpoint(self:Manifest,
+    entry:dict,    # the checkpoint's entry; its `file` was just written
+    keep:int=None, # also rotate, in the same write: mark all but the newest `keep` removed (see `rotate`); None: no rotation
+    fit:int=None,  # with `keep`: rotate among the saves of this fit only; None: among the saves of every fit
+)->list:
+    "Record a checkpoint (and rotate, in one write, so a kill never leaves more than `keep` live); return the entries rotation removed"
+    if keep is not None: _check_keep(keep)
+    old = self._record('checkpoints', entry, None if keep is None else partial(self._rotation, keep=keep, fit=fit))
+    self._delete(old)
+    return old
 
 @patch
 def record_average(self:Manifest,
@@ -189,25 +198,36 @@ def ours(self:Manifest, name:str)->bool:
     "Is `name` one this library gives to checkpoints of this `fname` (and so one rotation may delete)?"
     return re.fullmatch(re.escape(self.fname) + r'_f\d+_s\d+\.pth', name) is not None
 
+def _check_keep(keep):
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep={keep!r}: pass the number of checkpoints to keep, an int >= 1")
+
+@patch
+def _rotation(self:Manifest, data:dict, keep:int, fit:int=None)->list:
+    "In `data`: mark all but the newest `keep` live checkpoints of ours (of fit `fit`, or of every fit) removed; return copies of them"
+    averages = {a.get('file') for a in data['averages']}
+    live = [e for e in data['checkpoints'] if not e.get('removed') and (fit is None or e.get('fit') == fit)
+            and self.ours(e['file']) and e['file'] not in averages]
+    old = live[:-keep]
+    for e in old: e['removed'] = True
+    return [dict(e) for e in old]
+
+@patch
+def _delete(self:Manifest, entries:list):
+    "Delete the files of `entries`, which the manifest on disk already records as removed"
+    for e in entries:
+        try: self.file(e).unlink(missing_ok=True)
+        except OSError as err: warnings.warn(f"{self.file(e)} could not be deleted ({err}); {self.path} records it as removed")
+
 @patch
 def rotate(self:Manifest,
     keep:int,      # how many live checkpoints to keep
     fit:int=None,  # rotate among the saves of this fit only; None: among the saves of every fit
 )->list:
     "Mark all but the newest `keep` checkpoints removed, write that, then delete their files; returns their entries"
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep={keep!r}: pass the number of checkpoints to keep, an int >= 1")
-    def edit(data):
-        averages = {a.get('file') for a in data['averages']}
-        live = [e for e in data['checkpoints'] if not e.get('removed') and (fit is None or e.get('fit') == fit)
-                and self.ours(e['file']) and e['file'] not in averages]
-        old = live[:-keep]
-        for e in old: e['removed'] = True
-        return [dict(e) for e in old]
-    old = self._change(edit)
-    for e in old:
-        try: self.file(e).unlink(missing_ok=True)
-        except OSError as err: warnings.warn(f"{self.file(e)} could not be deleted ({err}); {self.path} records it as removed")
+    _check_keep(keep)
+    old = self._change(partial(self._rotation, keep=keep, fit=fit))
+    self._delete(old)
     return old
 
 # %% ../nbs/00_manifest.ipynb #4190f6c4

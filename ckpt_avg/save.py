@@ -207,10 +207,10 @@ def _commit(self:SaveEveryNCallback, entry):
     self.folder.mkdir(parents=True, exist_ok=True)
     if not self.saved: clean_stale_temps(self.folder, self.fname)
     entry.update(atomic_write(self.folder/entry['file'], self._write_model, overwrite=self.overwrite), saved_at=_now())
-    with self._lock:
-        self.manifest.add_checkpoint(entry)  # re-read, merged and written under the manifest's lock; the file goes if that fails
+    keep_fit = self.fit_id if self.keep_scope == 'fit' else None
+    with self._lock:  # recorded and rotated in one write, under the manifest's lock; the file goes if that fails
+        self.manifest.add_checkpoint(entry, keep=self.keep, fit=keep_fit)
         self.saved.append(entry)
-        self._rotate()
 
 @patch
 def _write_model(self:SaveEveryNCallback, f):
@@ -232,12 +232,6 @@ def _add_metrics(self:SaveEveryNCallback):
         if not (self.saved and self.saved[-1] is self._entry): return  # in flight: recorded with its metrics; or failed
         try: self.manifest.set_metrics(self._entry['file'], self._entry['metrics'])
         except OSError as e: warnings.warn(f"SaveEvery could not record validation metrics in {self.manifest.path} ({e})")
-
-@patch
-def _rotate(self:SaveEveryNCallback):
-    if self.keep is None: return
-    try: self.manifest.rotate(self.keep, fit=self.fit_id if self.keep_scope == 'fit' else None)
-    except OSError as e: warnings.warn(f"SaveEvery(keep={self.keep}) could not update {self.manifest.path} ({e}); no checkpoint was deleted")
 
 @patch
 def after_fit(self:SaveEveryNCallback):

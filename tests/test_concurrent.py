@@ -183,6 +183,17 @@ def test_keep_rotates_only_this_fits_saves_by_default(tmp_path):
     assert not list(folder(first).glob('ckpt_f001_s*.pth')) and (folder(first)/'ckpt_f002_avg.pth').exists()
 
 
+def test_a_save_is_recorded_and_rotated_in_one_write(tmp_path, monkeypatch):
+    "No manifest on disk ever lists more than keep= live saves, so a kill just after a save is recorded cannot leave more"
+    live_at_writes, write = [], Manifest.write
+    def counting(self):
+        live_at_writes.append(len(self.live()))
+        write(self)
+    monkeypatch.setattr(Manifest, 'write', counting)
+    fit(digits_learner(path=tmp_path), 5, [SaveEvery(epochs=1, keep=2, background=False)])
+    assert len(live_at_writes) >= 5 and max(live_at_writes) == 2, live_at_writes
+
+
 def test_rotation_never_deletes_a_name_it_did_not_give(tmp_path):
     learn = digits_learner(path=tmp_path)
     fit(learn, 2, [SaveEvery(epochs=1)])
