@@ -1,5 +1,4 @@
 "What the test files share: a quiet fit, copies and comparisons of model states, the exact mean they should equal"
-import time
 from pathlib import Path
 import torch
 from fastai.callback.core import Callback
@@ -39,16 +38,16 @@ def flip(path):
 
 
 class Capture(Callback):
-    "The model's state, iteration and clock each time the fit's SaveEvery has just taken a save, and its state at the end"
+    "The model's state and iteration each time the fit's SaveEvery has just taken a save, and its state at the end"
     order = SaveEveryNCallback.order + 0.5
     def before_fit(self):
         self.saver = next(cb for cb in self.learn.cbs if isinstance(cb, SaveEveryNCallback))
-        self.states, self.iters, self.times, self.last = [], [], [], None
+        self.states, self.iters, self.last = [], [], None
     def _grab(self):
         # a new entry: the saver took the state at this step (written now, or in the background while training goes on)
         if self.saver._entry is not None and self.saver._entry is not self.last:
             self.last = self.saver._entry
-            self.states.append(state(self.model)); self.iters.append(self.train_iter); self.times.append(time.monotonic())
+            self.states.append(state(self.model)); self.iters.append(self.train_iter)
     def after_batch(self): self._grab()
     def after_epoch(self): self._grab()
     def after_fit(self): self.final = state(self.model)
