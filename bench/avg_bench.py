@@ -7,7 +7,10 @@ noise, saved with fastai's `save_model`, with optimizer state when --opt), then 
   torch   `python -c "import torch"`                  (the yardstick of the whole-process ratio and of net memory)
   ours    `python -m ckpt_avg.cli average FILES -o OUT`
   naive   a script that torch.load()s every file whole, stacks and means each tensor in its dtype, torch.save()s
-and prints medians of the per-round ratios: whole process / `import torch`, net peak RSS / model bytes (child's
+  floor   what the machine allows such a command: `import torch`, read the weights' bytes of the K files (a `cat` of their
+          byte ranges), write a new file of the model's size, fsync it and its folder (our writer syncs the same way)
+  ours-*-over  the command writing over an existing output (--force), which the file system must free first
+and prints medians of the per-round ratios: whole process / `import torch` and / floor, net peak RSS / model bytes (child's
 ru_maxrss minus that of `import torch`), and, in this process, the average alone / a `cat` of the model bytes
 (every tensor's byte range read through a reused 1 MiB buffer), plus the share of elements equal to the correctly
 rounded mean. --cold drops the page cache before each in-process run (needs root; skipped otherwise).
@@ -31,6 +34,21 @@ res = {}
 for k, v in states[-1].items():
     res[k] = torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
 torch.save(res, out)
+'''
+
+FLOOR = r'''
+import json, os, sys, torch
+ranges, out, size = json.load(open(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+buf = bytearray(1 << 20); mv = memoryview(buf)
+for f, rs in ranges:
+    with open(f, 'rb', buffering=0) as fh:
+        for off, n in rs:
+            fh.seek(off)
+            while n > 0: n -= fh.readinto(mv[:min(n, len(buf))])
+with open(out, 'wb', buffering=0) as fh:
+    while size > 0: size -= fh.write(mv[:min(size, len(buf))])
+    os.fsync(fh.fileno())
+d = os.open(os.path.dirname(out), os.O_RDONLY); os.fsync(d); os.close(d)
 '''
 
 
@@ -106,14 +124,20 @@ def drop_caches():
     except OSError: return False
 
 
-def cat_model_bytes(files):
-    "Read every tensor's bytes of the model, as `cat` would: through one reused 1 MiB buffer"
+def weight_ranges(files)->list:
+    "(file, [(offset, bytes) of each tensor]) for every file: where the model's bytes lie"
     from ckpt_avg.formats import read_checkpoint
     ranges = []
     for f in files:
         ck = read_checkpoint(f)
-        ranges.append((f, sorted((t.data_ptr() - ck.mapping.lo, t.numel()*t.element_size()) for t in ck.state.values())))
+        ranges.append((str(f), sorted((t.data_ptr() - ck.mapping.lo, t.numel()*t.element_size()) for t in ck.state.values())))
         del ck
+    return ranges
+
+
+def cat_model_bytes(files):
+    "Read every tensor's bytes of the model, as `cat` would: through one reused 1 MiB buffer"
+    ranges = weight_ranges(files)
     buf = bytearray(1 << 20); mv = memoryview(buf)
     t = time.perf_counter()
     for f, rs in ranges:
@@ -167,25 +191,28 @@ def main():
               f"({disk/1e9:.2f} GB on disk), written in {time.perf_counter()-t:.0f} s; torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, kernels {a.kernels}")
         py = sys.executable
-        cmds = dict(torch=[py, '-c', 'import torch'])
-        for kn in kernels:
-            cmds[f'ours-{kn}'] = [py, '-m', 'ckpt_avg.cli', 'average', *map(str, files), '-o', str(folder/f'ours-{kn}.pth'), '-q', '--force', '--kernel', kn]
+        (folder/'ranges.json').write_text(json.dumps(weight_ranges(files)))
+        cmds = dict(torch=[py, '-c', 'import torch'], floor=[py, '-c', FLOOR, str(folder/'ranges.json'), str(folder/'floor.pth'), str(model_bytes)])
+        average = lambda name, kn: [py, '-m', 'ckpt_avg.cli', 'average', *map(str, files), '-o', str(folder/f'{name}.pth'), '-q', '--force', '--kernel', kn]
+        for kn in kernels: cmds[f'ours-{kn}'], cmds[f'ours-{kn}-over'] = average(f'ours-{kn}', kn), average(f'ours-{kn}-over', kn)
         if not a.no_naive: cmds['naive'] = [py, '-c', NAIVE, *map(str, files), str(folder/'naive.pth')]
         res = {n: [] for n in cmds}
-        for r in range(a.runs + 1):  # round 0 warms the page cache and is not counted
+        for r in range(a.runs + 1):  # round 0 warms the page cache (and writes each -over output once) and is not counted
             for n, c in (cmds.items() if r % 2 else reversed(cmds.items())):
-                (folder/f'{n}.pth').unlink(missing_ok=True)  # a fresh file each time, as a user would write
+                if not n.endswith('-over'): (folder/f'{n}.pth').unlink(missing_ok=True)  # a new file, as a first average writes
+                os.sync()  # untimed: the writeback of the previous command is not this one's
                 m = run(c)
                 if r: res[n].append(m)
-        tt = [w for w, _ in res['torch']]
+        tt, ft = [w for w, _ in res['torch']], [w for w, _ in res['floor']]
         print(f"\nwhole process, warm, median of {a.runs} alternated rounds (python -c 'import torch': {med(tt):.2f} s, "
-              f"peak {med([p for _, p in res['torch']])/2**20:.0f} MiB)")
-        print(f"{'':12}{'wall s':>8}{'÷ import torch':>16}{'net peak ÷ model':>18}")
+              f"peak {med([p for _, p in res['torch']])/2**20:.0f} MiB; floor: {med(ft):.2f} s, "
+              f"{med([f/t for f, t in zip(ft, tt)]):.2f} x import torch)")
+        print(f"{'':16}{'wall s':>8}{'÷ import torch':>16}{'÷ floor':>10}{'net peak ÷ model':>18}")
         for n in cmds:
             if n == 'torch': continue
-            ratio = med([w/t for (w, _), t in zip(res[n], tt)])
+            ratio, floor = med([w/t for (w, _), t in zip(res[n], tt)]), med([w/f for (w, _), f in zip(res[n], ft)])
             net = med([(p - pt)/model_bytes for (_, p), (_, pt) in zip(res[n], res['torch'])])
-            print(f"{n:12}{med([w for w, _ in res[n]]):8.2f}{ratio:16.2f}{net:18.2f}")
+            print(f"{n:16}{med([w for w, _ in res[n]]):8.2f}{ratio:16.2f}{floor:10.2f}{net:18.2f}")
 
         # in this process: the average alone against reading the model's bytes, alternated
         from ckpt_avg.core import average_checkpoints
@@ -254,7 +281,7 @@ def main():
         for n, v in meta.items(): print(f"{med(v)*1e3:8.1f} ms  {n}")
         print("\ncorrectly rounded float elements (share equal to the float64 mean rounded once to the dtype)")
         for n in cmds:
-            if n != 'torch': print(f"{n:12}{100*correct_share(folder/f'{n}.pth', files, dtype):8.2f} %")
+            if n not in ('torch', 'floor'): print(f"{n:16}{100*correct_share(folder/f'{n}.pth', files, dtype):8.2f} %")
     finally:
         if a.dir is None: shutil.rmtree(folder, ignore_errors=True)
 
