@@ -44,7 +44,10 @@ def _check_layout(shape, stride, offset, available):
     if offset + reach + 1 > available:
         raise _Refused(f"a tensor of shape {tuple(shape)} needs more bytes than its storage record holds (a 0-byte or cut record)")
 
-def _rebuild_tensor(storage, offset, shape, stride, requires_grad, hooks, metadata=None):
+def _rebuild_tensor(storage, offset, shape, stride, *flags):
+    "torch's `_rebuild_tensor_v2(storage, offset, shape, stride, requires_grad, hooks, metadata=None)`, checked, as a `_Lazy`"
+    if len(flags) not in (2, 3): raise _Refused(f"a tensor is rebuilt from {4+len(flags)} arguments, where torch takes 6 or 7")
+    requires_grad, hooks, metadata = flags + (None,)*(3-len(flags))  # pickle passes them by position, as torch wrote them
     if type(storage) is not _StorageRef or type(offset) is not int or offset < 0: raise _Refused("a tensor is not built from a storage and an offset")
     _ints(shape, 'shape'); _ints(stride, 'strides')
     if len(shape) != len(stride): raise _Refused(f"a tensor has shape {shape} but strides {stride}")
