@@ -6,7 +6,8 @@
 __all__ = []
 
 # %% ../nbs/06_all.ipynb #c66f4aeb
-from . import files, core, manifest, formats, writer, distrib, save, average, strategies, demo
+from . import files, plan, core, manifest, formats, writer, distrib, save, average, strategies, demo
+from .plan import *
 from .core import *
 from .files import *
 from .manifest import *
@@ -19,4 +20,5 @@ from .strategies import *
 from .demo import *
 
 # %% ../nbs/06_all.ipynb #4cea4b73
-__all__ = [name for module in (files, core, manifest, formats, writer, distrib, save, average, strategies, demo) for name in module.__all__]
+__all__ = list(dict.fromkeys(name for module in (files, plan, core, manifest, formats, writer, distrib, save, average, strategies, demo)
+                             for name in module.__all__))  # core also answers for the plan's names

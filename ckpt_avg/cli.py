@@ -74,7 +74,7 @@ def _weights(args)->list|None:
 
 def _plan(args):
     "The plan of the command line's inputs, as the real run and `--dry-run` both make it"
-    from ckpt_avg.core import plan_average
+    from ckpt_avg.plan import plan_average
     plan = plan_average(_inputs(args), k=args.last, fname=args.fname, fit=args.fit, weights=_weights(args),
                         format=args.input_format, strip_prefix=args.strip_prefix, kernel=args.kernel)
     if args.last is not None and len(plan) < args.last:

@@ -4,19 +4,18 @@
 
 # %% ../nbs/01_core.ipynb #f17aca89
 from __future__ import annotations
-from pathlib import Path
-import math, os, warnings, torch
-from .files import ManifestError, IntegrityError, file_hash
-from .manifest import Manifest, check_no_double_count
+from fastcore.meta import delegates
+import torch
 from .formats import CheckpointError, read_checkpoint, write_stream
+from .plan import AveragePlan, plan_average, plan_entries, normalised_weights, _mismatch
 from .kernels import _average_tensor, _kernel
 
 # %% auto #0
-__all__ = ['load_state', 'normalised_weights', 'AveragePlan', 'plan_average', 'plan_entries', 'average_checkpoints',
-           'average_to_file', 'CheckpointError']
+__all__ = ['load_state', 'average_checkpoints', 'average_to_file', 'CheckpointError', 'normalised_weights', 'AveragePlan',
+           'plan_average', 'plan_entries']
 
 # %% ../nbs/01_core.ipynb #ae1e701c
-_all_ = ['CheckpointError']
+_all_ = ['CheckpointError', 'normalised_weights', 'AveragePlan', 'plan_average', 'plan_entries']  # planned in `plan`, imported from here as before
 
 def _owned(state:dict)->dict:
     "`state` copied out of its file's mapping, storage by storage, so that views and shared storages stay as they were"
@@ -38,218 +37,6 @@ def load_state(
     state = read_checkpoint(file, format, strip_prefix).state
     return state if mmap else _owned(state)
 
-# %% ../nbs/01_core.ipynb #94cdd8d5
-def _mismatch(ref, other, a, b):
-    "The first difference between state dicts `ref` (of `a`) and `other` (of `b`): a missing key, then a shape or dtype"
-    if other.keys() != ref.keys():
-        k = sorted(other.keys() ^ ref.keys())[0]
-        has, hasnt = (a, b) if k in ref else (b, a)
-        return f"key {k!r} is in {has} but not in {hasnt}"
-    for k, t in other.items():
-        r = ref[k]
-        if t.shape != r.shape or t.dtype != r.dtype:
-            return f"key {k!r} is {tuple(r.shape)} {r.dtype} in {a} but {tuple(t.shape)} {t.dtype} in {b}"
-
-def _check_compatible(states, files):
-    "Raise a `CheckpointError` naming the key and the two files where checkpoints disagree"
-    for s, f in zip(states[1:], files[1:]):
-        if m := _mismatch(states[0], s, files[0], f):
-            raise CheckpointError(f"{m}: these checkpoints are of different models or precisions; average only saves of one model")
-
-# %% ../nbs/01_core.ipynb #f176e7b6
-def _weights_problem(w:list)->str|None:
-    "What makes the numbers `w` unusable as weights, or `None`"
-    for x in w:
-        if x != x: return f"{x} is not a number"
-        if math.isinf(x): return f"{x} is not finite"
-        if x < 0: return f"{x} is negative"
-    if not any(w): return "they sum to 0"
-
-def normalised_weights(
-    weights,    # numbers, one per checkpoint; `None`: a plain mean
-    n:int=None, # how many checkpoints they weigh; `None`: do not check the count
-)->list|None:
-    "`weights` scaled to sum 1 (`None` stays `None`); refuse any that is not a finite number >= 0, or all zero"
-    if weights is None: return None
-    try: w = [float(x) for x in weights]
-    except (TypeError, ValueError): raise ValueError(f"weights={weights!r}: pass numbers, one per checkpoint") from None
-    if n is not None and len(w) != n: raise ValueError(f"got {len(w)} weights for {n} checkpoints; pass one weight per checkpoint")
-    if problem := _weights_problem(w):
-        raise ValueError(f"weights={w}: {problem}, and weights must be >= 0 with a positive sum: every weight must be a "
-                         "finite number >= 0 and at least one > 0")
-    if math.isinf(sum(w)): w = [x/max(w) for x in w]  # 1e308 + 1e308 overflows: dividing by inf would make every weight 0
-    return [x/sum(w) for x in w]
-
-# %% ../nbs/01_core.ipynb #be7c8f9a
-def _manifests(folder:Path, cache:dict)->list:
-    "Every ckpt_avg manifest in `folder`, read once per plan; one that cannot be read is skipped, with a warning"
-    if folder not in cache:
-        cache[folder] = []
-        for p in sorted(folder.glob('*_manifest.json')):
-            try: cache[folder].append(Manifest(folder, p.name[:-len('_manifest.json')]))
-            except ManifestError as e: warnings.warn(f"{e} The files it lists are read without its size and hash check.")
-    return cache[folder]
-
-def _average_problem(path:Path, entry:dict)->str|None:
-    "Why the recorded average at `path` is not the file `entry` recorded (`Manifest.verify` takes checkpoint entries)"
-    if not path.is_file(): return "is missing"
-    size, want = path.stat().st_size, entry.get('bytes')
-    if isinstance(want, int) and size != want:
-        return f"has {size:,} bytes but the manifest recorded {want:,}: it was truncated or replaced by another file"
-    if file_hash(path) != entry.get('hash'):
-        return "does not match the hash the manifest recorded: its bytes changed after it was saved"
-
-def _check_average(m:Manifest, entry:dict, skip:bool)->bool:
-    if (problem := _average_problem(m.file(entry), entry)) is None: return True
-    if not skip: raise IntegrityError(f"{m.file(entry)} {problem}. It is an average {m.path.name} records: make it again from its inputs, or leave it out")
-    warnings.warn(f"{m.file(entry)} {problem}; it is left out of the average")
-    return False
-
-def _vouched(file:Path, cache:dict, skip:bool, done:Manifest=None)->int|None:
-    "How many manifests vouch for `file` (`done`: one that has checked it already), or `None` if it failed and `skip`"
-    n, places = 0, {file.absolute().parent.resolve(): file.name, file.resolve().parent: file.resolve().name}
-    for folder, name in places.items():
-        for m in _manifests(folder, cache):
-            if done is not None and m.path.resolve() == done.path.resolve(): n += 1; continue
-            ckpts = [e for e in m.checkpoints if e.get('file') == name][-1:]  # the last record of a name is the one that counts
-            averages = [a for a in m.averages if a.get('file') == name][-1:]  # (an average rewritten with overwrite=True)
-            if len(m.verify(ckpts, skip=skip)) < len(ckpts) or not all(_check_average(m, a, skip) for a in averages): return None
-            n += bool(ckpts or averages)
-    return n
-
-# %% ../nbs/01_core.ipynb #cf8d9a0b
-class AveragePlan:
-    "What an average is made of: checked checkpoints in save order, their weights, where they came from"
-    def __init__(self,
-        checkpoints:list,    # `formats.Checkpoint`s, mapped, in save order
-        weights=None,        # normalised, one per checkpoint; `None`: a plain mean
-        *,
-        given_weights=None,  # the weights as given, one per checkpoint (what a manifest records)
-        checked=None,        # per checkpoint: whether a manifest vouched for its bytes
-        entries=None,        # per checkpoint, its manifest entry, where the plan came from a manifest
-        manifest=None,       # that manifest
-        source:str='',       # where the files came from, in words
-        kernel:str='numpy',  # the kernel the engine will use
-        skipped:int=0,       # files left out because they failed their check (`skip_corrupt=True`)
-    ):
-        self.checkpoints,self.weights,self.given_weights,self.entries,self.manifest = checkpoints,weights,given_weights,entries,manifest
-        self.checked,self.source,self.kernel,self.skipped = list(checked or [False]*len(checkpoints)),source,kernel,skipped
-
-    @property
-    def files(self)->list: return [c.file for c in self.checkpoints]
-    def __len__(self): return len(self.checkpoints)
-    def __repr__(self): return f"AveragePlan({self.summary()})"
-
-    def summary(self)->str:
-        "One line: how many checkpoints, from where, how they were checked, whether weighted"
-        n, ok = len(self), sum(self.checked)
-        checks = ("sizes and hashes checked" if ok == n else "in no manifest, read as they are" if ok == 0
-                  else f"{ok} checked against a manifest's size and hash, {n-ok} in no manifest")
-        extra = (f", {self.skipped} left out: they failed their check" if self.skipped else '') + (', weighted' if self.weights else '')
-        return f"{n} checkpoint{'s'*(n != 1)} ({self.source}; {checks}{extra})"
-
-    def describe(self)->str:
-        "A line per checkpoint (file, format, tensors, size, weight, how it was checked), then the summary"
-        ws = self.weights or [None]*len(self)
-        lines = [f"{c.file}  {c.format}{' +optimizer' if c.has_opt else ''}  {len(c.state)} tensors  {c.nbytes:,} bytes"
-                 + ('' if w is None else f"  weight {w:.4g}") + ("  size and hash checked" if ok else "  in no manifest: read as it is")
-                 for c, w, ok in zip(self.checkpoints, ws, self.checked)]
-        return '\n'.join(lines + [self.summary()])
-
-    def check_output(self,
-        output,               # the file the average will be written to
-        overwrite:bool=False, # whether an existing `output` may be replaced
-    ):
-        "Refuse an `output` that is one of the inputs, a folder, in a missing folder, or existing (unless `overwrite`)"
-        output = Path(output)
-        if any(output.resolve() == f.resolve() for f in self.files):
-            raise ValueError(f"{output} is one of the inputs; write the average to another file")
-        if output.is_dir(): raise ValueError(f"{output} is a folder; pass a file name for the average")
-        if not output.parent.is_dir():
-            raise FileNotFoundError(f"{output.parent} does not exist; create it, or write the average into an existing folder")
-        if output.exists() and not overwrite:
-            raise FileExistsError(f"{output} already exists; pass --force (overwrite=True) to replace it, or another output file")
-
-# %% ../nbs/01_core.ipynb #d09eab1c
-def _from_folder(folder:Path, k, fname, fit)->tuple:
-    "(files, manifest, entries, source): the last `k` live saves of fit `fit` that `folder`'s manifest of `fname` lists"
-    m = Manifest(folder, fname)
-    if not m.path.exists():
-        raise CheckpointError(f"{folder} has no {m.path.name}; pass the checkpoint files (on the command line, a glob such as "
-                              f"'{folder}/*.pth'), or the fname (--fname) of the SaveEvery that wrote the folder")
-    live = m.live(fit)
-    if not live: raise CheckpointError(f"{m.path} lists no checkpoints{'' if fit is None else f' of fit {fit}'} to average")
-    entries = m.last(k, fit) if k else live
-    which = f"the last {len(entries)}" if k else f"all {len(entries)}"
-    return [m.file(e) for e in entries], m, entries, f"{which} checkpoints{'' if fit is None else f' of fit {fit}'} in {m.path}"
-
-def _from_files(inputs, k, fit)->list:
-    "The files of `inputs` (one path, or several in save order), the last `k` of them"
-    if fit is not None: raise ValueError(f"fit={fit} picks saves from a folder's manifest; pass the folder, or leave fit out")
-    if isinstance(inputs, (str, os.PathLike)):
-        if not Path(inputs).exists():
-            raise CheckpointError(f"{inputs} does not exist; pass an existing folder with a manifest, or a list of checkpoint files")
-        inputs = [inputs]
-    files = [Path(f) for f in inputs]
-    if not files: raise CheckpointError("no checkpoint files to average; pass at least one")
-    if d := next((f for f in files if f.is_dir()), None):
-        raise CheckpointError(f"{d} is a folder: pass one folder alone (averaged through its manifest), or checkpoint files")
-    return files[-k:] if k else files
-
-def _plan(files, weights, skip, *, format, strip_prefix, kernel, manifest=None, entries=None, source='')->AveragePlan:
-    "Check `files` (and their `entries` of `manifest`) as the plan does; an empty plan if `skip` left nothing"
-    given = None if weights is None else list(weights)
-    normalised_weights(given, len(files))  # the count and the values, before any file is hashed or read
-    good = None if manifest is None else {id(e) for e in manifest.verify(entries, skip=skip)}  # size and hash: torch.load does not check the zip's CRC32
-    check_no_double_count(files)  # an average with its own inputs
-    keep, checked, cache = [], [], {}
-    for i, f in enumerate(files):
-        if good is not None and id(entries[i]) not in good: continue
-        if (n := _vouched(f, cache, skip, manifest)) is not None: keep.append(i); checked.append(n > 0)
-    pick = lambda xs: None if xs is None else [xs[i] for i in keep]
-    skipped, (files, given, entries) = len(files) - len(keep), map(pick, (files, given, entries))
-    if not files: return AveragePlan([], manifest=manifest, entries=entries, source=source, skipped=skipped)
-    ckpts = [read_checkpoint(f, format, strip_prefix) for f in files]
-    _check_compatible([c.state for c in ckpts], files)
-    weights = normalised_weights(given)
-    return AveragePlan(ckpts, weights, given_weights=given, checked=checked, entries=entries, manifest=manifest, source=source,
-                       kernel=_kernel(kernel, ckpts, weights, 1<<18), skipped=skipped)
-
-def plan_average(
-    inputs,                  # checkpoint files in save order, or a folder whose manifest lists them
-    k:int=None,              # average the last `k` (of the files, or of the folder's saves); `None`: all
-    fname:str='ckpt',        # with a folder: the manifest's `fname`
-    fit:int=None,            # with a folder: only saves of this fit (all fits if `None`)
-    weights=None,            # one weight per checkpoint (normalised to sum 1); `None`: a plain mean
-    *,
-    skip_corrupt:bool=False, # leave out, with a warning, files that fail their manifest's size or hash check
-    format:str=None,         # the files' format (see `FORMATS`); `None`: detect each file's
-    strip_prefix:str=None,   # keep only the keys under this prefix, without it (e.g. 'model.' for Lightning)
-    kernel:str='auto',       # the engine's kernel: 'auto', 'numpy' or 'numba' (see `average_checkpoints`)
-)->AveragePlan:
-    "Resolve `inputs` to the checkpoints to average, verified against every manifest that lists them, with their weights"
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1): raise ValueError(f"k={k!r}: pass an int >= 1, or None for all")
-    if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir(): files, m, entries, source = _from_folder(Path(inputs), k, fname, fit)
-    else: files, m, entries, source = _from_files(inputs, k, fit), None, None, "files as given"
-    plan = _plan(files, weights, skip_corrupt, format=format, strip_prefix=strip_prefix, kernel=kernel, manifest=m, entries=entries, source=source)
-    if not plan.files: raise IntegrityError(f"every one of the {len(files)} checkpoints failed its size or hash check (see the warnings); nothing is left to average")
-    return plan
-
-def plan_entries(
-    manifest:Manifest,       # the manifest that lists `entries`
-    entries:list,            # its checkpoint entries to average, in save order (e.g. chosen by `select_checkpoints`)
-    weights=None,            # one weight per entry; `None`: a plain mean
-    skip_corrupt:bool=False, # leave out, with a warning, entries whose file fails its size or hash check
-    *,
-    format:str=None,         # the files' format; `None`: detect each file's
-    strip_prefix:str=None,   # keep only the keys under this prefix, without it
-    kernel:str='auto',       # the engine's kernel
-)->AveragePlan:
-    "The plan of `entries` a caller chose from `manifest` itself: verified, weights aligned; empty if `skip_corrupt` left none"
-    entries = list(entries)
-    return _plan([manifest.file(e) for e in entries], weights, skip_corrupt, format=format, strip_prefix=strip_prefix, kernel=kernel,
-                 manifest=manifest, entries=entries, source=f"{len(entries)} checkpoints chosen from {manifest.path}")
-
 # %% ../nbs/01_core.ipynb #ef6b1b49
 def _check_into(into, ref):
     if m := _mismatch(ref, into, 'the checkpoints', 'into='):
@@ -261,8 +48,12 @@ def _progress(keys, show):
     return progress_bar(keys, leave=False)
 
 # %% ../nbs/01_core.ipynb #0015a76e
-def _as_plan(files, kernel:str, **selection)->tuple:
+_SELECTION = ('k', 'fname', 'fit', 'weights', 'format', 'strip_prefix')  # what `average_*` pass on to `plan_average`
+_by_selection = delegates(plan_average, but=['inputs', 'skip_corrupt', 'kernel'])  # the signature and docs of `**kwargs`
+
+def _as_plan(files, kernel:str, selection:dict)->tuple:
     "(plan, kernel): `files` planned with `selection`, or `files` itself if it is a plan (then with nothing to select)"
+    if unknown := sorted(set(selection) - set(_SELECTION)): raise TypeError(f"unexpected keyword argument {unknown[0]!r}; pass what plan_average takes: {', '.join(_SELECTION)}")
     if not isinstance(files, AveragePlan): plan = plan_average(files, kernel=kernel, **selection)
     else:
         plan = files
@@ -271,65 +62,60 @@ def _as_plan(files, kernel:str, **selection)->tuple:
         if not plan.files: raise CheckpointError("this plan holds no checkpoints (each failed its check): nothing to average")
     return plan, (plan.kernel if kernel == 'auto' else _kernel(kernel, plan.checkpoints, plan.weights, 1<<18))
 
-def _averages(ckpts, weights, chunk, dst=lambda key: None, progress=False, kernel='numpy'):
+def _averages(plan:AveragePlan, kernel:str, *, chunk:int, dst=lambda key: None, progress=False):
     "Yield (key, average) tensor by tensor, into `dst(key)` when it gives a tensor; integer tensors: the newest file's, as mapped"
+    ckpts = plan.checkpoints
     states, release = [c.state for c in ckpts], [c.release for c in ckpts]
     buffers = {}  # the float64 scratch, shared by all tensors: fresh buffers per tensor would page-fault every time
     with torch.no_grad():
         for key in _progress(list(states[0]), progress):
             srcs = [s[key] for s in states]
-            if srcs[0].is_floating_point() or srcs[0].is_complex(): yield key, _average_tensor(srcs, weights, chunk, out=dst(key), release=release,
-                                                                                buffers=buffers, kernel=kernel)
+            if srcs[0].is_floating_point() or srcs[0].is_complex():
+                yield key, _average_tensor(srcs, plan.weights, chunk, out=dst(key), release=release, buffers=buffers, kernel=kernel)
             else: yield key, srcs[-1]
             for c, t in zip(ckpts, srcs): c.release(t)
 
 # %% ../nbs/01_core.ipynb #a6cb693a
+@_by_selection
 def average_checkpoints(
     files,               # checkpoint files in save order, a folder whose manifest lists them, or an `AveragePlan`
-    k:int=None,          # average the last `k` (of the files, or of the folder's saves); `None`: all
-    fname:str='ckpt',    # with a folder: the manifest's `fname`
-    fit:int=None,        # with a folder: only checkpoints of this fit (all fits if `None`)
-    weights=None,        # one weight per file (normalised to sum 1); `None` for a plain mean
-    chunk:int=1<<18,     # elements per float64 scratch chunk
-    format:str=None,     # the files' format (see `FORMATS`); `None`: detect each file's
-    strip_prefix:str=None, # keep only the keys under this prefix, without it (e.g. 'model.' for Lightning)
+    *,
     into:dict=None,      # a state dict to write the average into, in place (e.g. `model.state_dict()`); `None`: a new one
+    chunk:int=1<<18,     # elements per float64 scratch chunk
     progress:bool=False, # show a fastprogress bar over the tensors
     kernel:str='auto',   # 'numba': one compiled pass (needs numba); 'numpy': two numpy passes; 'auto': numba where it pays off (a plan's choice). Same bits
-)->dict:
+    **kwargs,
+)->dict: # name -> the averaged tensor; the selection arguments (`k` ... `strip_prefix`) are `plan_average`'s
     "Exact mean (or weighted mean) of the model weights in `files`, as a new state dict on the CPU (or in `into`)"
-    plan, kernel = _as_plan(files, kernel, k=k, fname=fname, fit=fit, weights=weights, format=format, strip_prefix=strip_prefix)
-    ckpts, weights = plan.checkpoints, plan.weights
-    if into is None: return {key: t.clone() if t is ckpts[-1].state[key] else t for key, t in _averages(ckpts, weights, chunk, progress=progress, kernel=kernel)}
-    _check_into(into, ckpts[0].state)
+    plan, kernel = _as_plan(files, kernel, kwargs)
+    last = plan.checkpoints[-1].state
+    if into is None: return {key: t.clone() if t is last[key] else t for key, t in _averages(plan, kernel, chunk=chunk, progress=progress)}
+    _check_into(into, plan.checkpoints[0].state)
     direct = lambda key: into[key] if into[key].device.type == 'cpu' and into[key].is_contiguous() else None
     with torch.no_grad():
-        for key, t in _averages(ckpts, weights, chunk, direct, progress, kernel):
+        for key, t in _averages(plan, kernel, chunk=chunk, dst=direct, progress=progress):
             if t is not into[key]: into[key].copy_(t)
     return into
 
 # %% ../nbs/01_core.ipynb #d6c94bde
+@_by_selection
 def average_to_file(
     files,               # checkpoint files in save order, a folder whose manifest lists them, or an `AveragePlan`
     output,              # the file to write
     out_format:str='state_dict', # the output's format (see `FORMATS`)
     overwrite:bool=False, # replace an existing `output`
-    k:int=None,          # average the last `k` (of the files, or of the folder's saves); `None`: all
-    fname:str='ckpt',    # with a folder: the manifest's `fname`
-    fit:int=None,        # with a folder: only checkpoints of this fit (all fits if `None`)
-    weights=None,        # one weight per file (normalised to sum 1); `None` for a plain mean
+    *,
     chunk:int=1<<18,     # elements per float64 scratch chunk
-    format:str=None,     # the inputs' format; `None`: detect each file's
-    strip_prefix:str=None, # keep only the keys under this prefix, without it
     progress:bool=False, # show a fastprogress bar over the tensors
-    kernel:str='auto',   # 'numba': one compiled pass (needs numba); 'numpy': two numpy passes; 'auto': numba where it pays off (a plan's choice). Same bits
-)->dict:
+    kernel:str='auto',   # as in `average_checkpoints`
+    **kwargs,
+)->dict: # the output's `bytes` and `hash`, its number of `tensors`, the input `files`
     "Write the exact mean of the weights in `files` to `output`, atomically; return its size, hash and number of tensors"
-    plan, kernel = _as_plan(files, kernel, k=k, fname=fname, fit=fit, weights=weights, format=format, strip_prefix=strip_prefix)
+    plan, kernel = _as_plan(files, kernel, kwargs)
     plan.check_output(output, overwrite)
     state = plan.checkpoints[0].state
     spec = {key: (t.dtype, tuple(t.shape)) for key, t in state.items()}
     buf = torch.empty(max((t.numel()*t.element_size() for t in state.values()), default=0), dtype=torch.uint8)
     dst = lambda key: buf[:state[key].numel()*state[key].element_size()].view(state[key].dtype).view(state[key].shape)
-    meta = write_stream(spec, _averages(plan.checkpoints, plan.weights, chunk, dst, progress, kernel), output, out_format, overwrite)
+    meta = write_stream(spec, _averages(plan, kernel, chunk=chunk, dst=dst, progress=progress), output, out_format, overwrite)
     return dict(meta, tensors=len(spec), files=plan.files)

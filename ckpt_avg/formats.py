@@ -4,11 +4,14 @@
 
 # %% ../nbs/07_formats.ipynb #248fab2c
 from __future__ import annotations
-import collections, io, json, math, mmap, os, pickle, re, struct, sys, zipfile
+import mmap
 from pathlib import Path
 import torch
 from .files import atomic_write
-from .prescan import _STORAGES, _Refused, _Untrusted, _scan_pickle
+from .prescan import _Refused, _Untrusted
+from .torch_reader import _Mapping, _Lazy, _CAN_RELEASE, _load_object, _checked, _first_line
+from .safetensors_io import _is_safetensors, _read_safetensors, _stream_safetensors
+from .torch_writer import _stream_torch, _Pickler, _Record  # the last two: importable from here as before
 
 # %% auto #0
 __all__ = ['FORMATS', 'Checkpoint', 'read_checkpoint', 'write_stream', 'write_checkpoint', 'CheckpointError']
@@ -16,262 +19,6 @@ __all__ = ['FORMATS', 'Checkpoint', 'read_checkpoint', 'write_stream', 'write_ch
 # %% ../nbs/07_formats.ipynb #aad65324
 from .files import CheckpointError
 _all_ = ['CheckpointError']
-
-class _StorageRef:
-    "A storage record of a torch zip file, as our unpickler's persistent ids resolve"
-    __slots__ = ('key', 'dtype', 'numel')
-    def __init__(self, key, dtype, numel): self.key,self.dtype,self.numel = key,dtype,numel
-
-class _Lazy:
-    "A tensor of a torch zip file, not yet mapped: its storage record, dtype, offset, shape and strides"
-    __slots__ = ('key', 'dtype', 'offset', 'shape', 'stride')
-    def __init__(self, key, dtype, offset, shape, stride): self.key,self.dtype,self.offset,self.shape,self.stride = key,dtype,offset,shape,stride
-
-class _Inert:
-    "Stands in for fastai's `L` (in optimizer state we never use): accepts any arguments and state, keeps nothing"
-    def __init__(self, *args, **kwargs): pass
-    def __setstate__(self, state): pass
-
-def _ints(o, what):
-    if type(o) is not tuple or any(type(v) is not int or v < 0 for v in o): raise _Refused(f"a tensor's {what} {o!r} is not a tuple of ints >= 0")
-    return o
-
-def _check_layout(shape, stride, offset, available):
-    "Refuse a tensor that needs elements past the `available` ones of its storage, or whose elements overlap (expanded)"
-    if math.prod(shape) == 0:
-        if offset > available: raise _Refused(f"an empty tensor starts past the end of its storage")
-        return
-    reach = 0  # elements spanned by the dims taken so far, minus one
-    for st, n in sorted((st, n) for n, st in zip(shape, stride) if n > 1):
-        if st <= reach: raise _Refused(f"a tensor of shape {tuple(shape)} and strides {tuple(stride)} has elements that overlap "
-                                       "(expanded or self-overlapping), which no trained weight has")
-        reach += (n - 1) * st
-    if offset + reach + 1 > available:
-        raise _Refused(f"a tensor of shape {tuple(shape)} needs more bytes than its storage record holds (a 0-byte or cut record)")
-
-def _rebuild_tensor(storage, offset, shape, stride, requires_grad, hooks, metadata=None):
-    if type(storage) is not _StorageRef or type(offset) is not int or offset < 0: raise _Refused("a tensor is not built from a storage and an offset")
-    _ints(shape, 'shape'); _ints(stride, 'strides')
-    if len(shape) != len(stride): raise _Refused(f"a tensor has shape {shape} but strides {stride}")
-    if type(requires_grad) is not bool or requires_grad and not (storage.dtype.is_floating_point or storage.dtype.is_complex):
-        raise _Refused(f"a tensor has requires_grad={requires_grad!r}, which torch refuses for {storage.dtype}")
-    if type(hooks) is not collections.OrderedDict or hooks or metadata not in (None, {}):
-        raise _Refused("a tensor carries backward hooks or metadata, which torch.save never writes for a plain tensor")
-    _check_layout(shape, stride, offset, storage.numel)
-    return _Lazy(storage.key, storage.dtype, offset, shape, stride)
-
-def _rebuild_parameter(data, requires_grad, hooks):
-    if type(data) is not _Lazy or type(requires_grad) is not bool or type(hooks) is not collections.OrderedDict or hooks:
-        raise _Refused("a parameter is not built from a tensor, a bool and no hooks")
-    if requires_grad and not (data.dtype.is_floating_point or data.dtype.is_complex): raise _Refused(f"an integer parameter requires grad")
-    return data
-
-class _NotOurs(Exception): "A name torch.load reads but our unpickler does not: let torch.load (pre-scanned) read the file"
-
-class _WeightsUnpickler(pickle.Unpickler):
-    "Builds only dicts, lists, numbers, strings and lazy tensors, from a pre-scanned pickle; any other name goes to torch.load"
-    _names = {('collections','OrderedDict'): collections.OrderedDict, ('torch._utils','_rebuild_tensor_v2'): _rebuild_tensor,
-              ('torch._utils','_rebuild_parameter'): _rebuild_parameter, ('fastcore.foundation','L'): _Inert}
-    def find_class(self, module, name):
-        if module == 'torch' and name in _STORAGES: return _STORAGES[name]
-        try: return self._names[(module, name)]
-        except KeyError: raise _NotOurs(f"{module}.{name}") from None
-    def persistent_load(self, pid):  # the pre-scan checked its shape and the size of its record
-        return _StorageRef(pid[2], pid[1], pid[4])
-
-# %% ../nbs/07_formats.ipynb #ac4dd8d7
-_PAGE = mmap.PAGESIZE
-_CAN_RELEASE = hasattr(mmap, 'MADV_DONTNEED') and sys.platform.startswith('linux')
-
-class _Mapping:
-    "A file mapped into memory, cut into tensors; pages of those tensors can be given back after use"
-    def __init__(self, file):
-        self.size = os.path.getsize(file)
-        if self.size == 0: raise _Refused("it is empty")
-        with open(file, 'rb') as f: self.mm = mmap.mmap(f.fileno(), self.size, access=mmap.ACCESS_COPY)
-        self.storage = torch.frombuffer(self.mm, dtype=torch.uint8).untyped_storage()
-        self.lo = self.storage.data_ptr()
-
-    def tensor(self, start, nbytes, dtype, offset, shape, stride):
-        "The tensor of `shape` and `stride` at element `offset` of the record of `nbytes` at `start`: only ever inside that record"
-        if start < 0 or nbytes < 0 or start + nbytes > self.size: raise _Refused("a tensor's bytes lie past the end of the file: it is truncated")
-        if nbytes % dtype.itemsize: raise _Refused(f"a record of {nbytes} bytes does not hold whole {dtype} elements")
-        _check_layout(shape, stride, offset, nbytes // dtype.itemsize)
-        return torch.empty(0, dtype=dtype).set_(self.storage[start:start+nbytes], offset, shape, stride)
-
-    def advise(self, t, advice):
-        "`madvise` the whole pages under tensor `t` (a tensor of this mapping)"
-        a = t.data_ptr() - self.lo
-        if not (0 <= a <= self.size) or t.numel() == 0: return
-        span = 1 + sum((n-1)*st for n, st in zip(t.shape, t.stride()))  # in elements: the tensor never overlaps itself
-        lo, hi = a // _PAGE * _PAGE, min(a + span*t.element_size(), self.size)
-        if hi > lo: self.mm.madvise(advice, lo, hi - lo)
-
-# %% ../nbs/07_formats.ipynb #53038cd9
-_LOCAL = struct.Struct('<4sHHH4xIIIHH')  # a zip local header: signature, version, flags, method, (time, date), crc, sizes, name and extra lengths
-
-def _central_directory(mm, size):
-    "(start, end, entries) of the zip central directory, from an end record that closes the file: nothing before or after the archive"
-    end = size - 22
-    if end < 0 or mm[end:end+4] != b'PK\x05\x06': raise _Refused("its zip end record is not at the end of the file (cut, or bytes appended)")
-    disk, cd_disk, on_disk, count, cd_size, cd_at, comment = struct.unpack('<HHHHIIH', mm[end+4:size])
-    if comment: raise _Refused("its zip end record claims a comment, which torch.save never writes")
-    if disk or cd_disk or on_disk != count: raise _Refused("its zip end record describes a multi-disk archive, which torch.save never writes")
-    loc = end - 20
-    if loc >= 56 and mm[loc:loc+4] == b'PK\x06\x07':  # zip64 (torch always writes it): a locator before the end record points to a 64-bit one
-        disk, end64, disks = struct.unpack('<IQI', mm[loc+4:loc+20])
-        record = b'PK\x06\x06' + b'\x2c' + bytes(7) + mm[end64+12:end64+16] + bytes(8)  # 56 bytes long, any versions, disks 0
-        if disk or disks != 1 or end64 != loc - 56 or mm[end64:end64+24] != record:
-            raise _Refused("its zip64 end record is not where its locator says, or describes a multi-disk archive")
-        on_disk64, count64, size64, at64 = struct.unpack('<QQQQ', mm[end64+24:end64+56])
-        if on_disk64 != count64 or (count, cd_size, cd_at) != (min(count64, 0xFFFF), min(size64, 0xFFFFFFFF), min(at64, 0xFFFFFFFF)):
-            raise _Refused("its zip end record and zip64 end record disagree")
-        count, cd_size, cd_at, end = count64, size64, at64, end64
-    elif 0xFFFFFFFF in (cd_size, cd_at) or count == 0xFFFF: raise _Refused("its zip64 end record locator is missing")
-    if cd_at + cd_size != end: raise _Refused("its zip central directory is not where its end record says (bytes inserted or removed)")
-    return cd_at, end, count
-
-def _zip_records(file, mm, size:int):
-    "name -> (start, size) of every record, each checked against its local header, inside the archive and apart from the others"
-    cd_at, cd_end, count = _central_directory(mm, size)
-    infos = zipfile.ZipFile(file).infolist()
-    if len(infos) != count: raise _Refused(f"its zip directory lists {len(infos)} records but its end record counts {count}")
-    if len({i.filename.lower() for i in infos}) != count: raise _Refused("its zip directory names a record twice")
-    records, spans, entry = {}, [], cd_at
-    for info in infos:
-        if info.flag_bits & ~0x808 or info.volume or info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size \
-           or info.external_attr or info.internal_attr or info.comment:
-            raise _Refused(f"zip record {info.orig_filename!r} is compressed, encrypted, a folder or on another disk, which torch.save never writes")
-        at, name = info.header_offset, info.orig_filename.encode('utf-8' if info.flag_bits & 0x800 else 'cp437')
-        if info.filename != info.orig_filename: raise _Refused(f"zip record name {info.orig_filename!r} is not a plain path")
-        n, e, c = struct.unpack('<HHH', mm[entry+28:entry+34]) if entry + 46 <= cd_end else (0xFFFF,)*3
-        if mm[entry:entry+4] != b'PK\x01\x02' or mm[entry+46:entry+46+n] != name: raise _Refused(f"its zip directory entry of {info.filename!r} is damaged")
-        entry += 46 + n + e + c
-        sig, _, _, method, _, _, _, n, e = _LOCAL.unpack(mm[at:at+30]) if at + 30 <= size else (b'',)*9
-        if sig != b'PK\x03\x04' or method != 0 or mm[at+30:at+30+n] != name:
-            raise _Refused(f"zip record {info.filename!r} has no matching local header where its directory entry points")
-        start = at + 30 + n + e
-        if start + info.file_size > cd_at: raise _Refused(f"zip record {info.filename!r} runs past the start of the zip directory")
-        records[info.filename] = (start, info.file_size)
-        spans.append((at, start + info.file_size, info.filename))
-    if entry != cd_end: raise _Refused("its zip directory entries do not fill the zip directory")
-    spans.sort()
-    if spans and spans[0][0] != 0: raise _Refused("its first zip record does not start the file")
-    for (_, end, a), (at, _, b) in zip(spans, spans[1:]):
-        if at < end: raise _Refused(f"zip records {a!r} and {b!r} overlap: a tensor could read another record's bytes")
-    return records
-
-def _root(records):
-    "The one folder `X/` holding `X/data.pkl` and every other record"
-    roots = [n[:-len('data.pkl')] for n in records if n.endswith('/data.pkl') and n.count('/') == 1]
-    if len(roots) != 1: raise _Refused(f"it holds {len(roots)} '*/data.pkl' records; a torch file holds exactly one")
-    root = roots[0]
-    if any(not n.startswith(root) for n in records): raise _Refused(f"it holds records outside its folder {root!r}")
-    if root+'constants.pkl' in records: raise _Refused("it is a TorchScript archive, not saved weights; load it with torch.jit.load and save its state_dict")
-    return root
-
-def _read_zip(file, mapping):
-    "(object with `_Lazy` tensors, make-tensor function), or None if the pickle names what only torch.load reads"
-    records = _zip_records(file, mapping.mm, mapping.size)
-    root = _root(records)
-    def raw(name): start, n = records[name]; return bytes(mapping.mm[start:start+n])
-    version = next((raw(root+n) for n in ('.data/version', 'version') if root+n in records), None)
-    if version is None or re.fullmatch(rb'[1-9]\n?', version) is None: raise _Refused(f"its version record is {version!r}, not one torch writes")
-    if root+'byteorder' in records and raw(root+'byteorder') != b'little': raise _Refused("it is big-endian (or its byteorder record is damaged)")
-    for name, pattern in (('.format_version', rb'[1-9]'), ('.storage_alignment', rb'[1-9][0-9]{0,5}'), ('.data/serialization_id', rb'[0-9]{1,64}')):
-        if root+name in records and re.fullmatch(pattern, raw(root+name)) is None: raise _Refused(f"its {name} record is not one torch writes")
-    data = raw(root+'data.pkl')
-    end, _, storages = _scan_pickle(data, mapping.size)
-    if end != len(data): raise _Refused("its pickle goes on after its STOP opcode")
-    for key, (_, nbytes) in storages.items():
-        if records.get(f'{root}data/{key}', (0, None))[1] != nbytes:
-            raise _Refused(f"storage {key!r} needs a record of {nbytes:,} bytes, but the file has {records.get(f'{root}data/{key}', (0, 'no such'))[1]}")
-    try: obj = _WeightsUnpickler(io.BytesIO(data), encoding='utf-8').load()
-    except _NotOurs: return None
-    def make(t:_Lazy):
-        start, n = records[f'{root}data/{t.key}']
-        return mapping.tensor(start, n, t.dtype, t.offset, t.shape, t.stride)
-    return obj, make
-
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
-
-def _scan_legacy(mapping):
-    "Pre-scan the five pickles of a legacy (torch < 1.6) file: magic number, protocol, system info, object, storage keys"
-    at, need = 0, 0
-    for i in range(5):
-        at, value, storages = _scan_pickle(mapping.mm, mapping.size, at)
-        if i == 0 and value != _LEGACY_MAGIC: raise _Refused("it is a pickle but not a torch file (no torch magic number)")
-        need += sum(8 + n for _, n in storages.values())
-    if need > mapping.size - at: raise _Refused("its storages need more bytes than the file holds: it is truncated")
-
-def _torch_load(file, mmap:bool):
-    "`torch.load` that cannot run code, of a file already pre-scanned"
-    allowed = []
-    try:
-        from fastcore.foundation import L
-        allowed.append(L)
-    except ImportError: pass
-    with torch.serialization.safe_globals(allowed): return torch.load(file, map_location='cpu', weights_only=True, mmap=mmap)
-
-# %% ../nbs/07_formats.ipynb #18c6becb
-_ST_DTYPES = {'F64':torch.float64, 'F32':torch.float32, 'F16':torch.float16, 'BF16':torch.bfloat16, 'I64':torch.int64,
-              'I32':torch.int32, 'I16':torch.int16, 'I8':torch.int8, 'U8':torch.uint8, 'BOOL':torch.bool}
-_ST_NAMES = {v:k for k,v in _ST_DTYPES.items()}
-_ST_MAX_HEADER = 100_000_000  # the safetensors package's limit
-
-def _is_safetensors(head:bytes)->bool:
-    if len(head) < 9: return False
-    n = struct.unpack('<Q', head[:8])[0]
-    return head[8:9] == b'{' and 2 <= n < _ST_MAX_HEADER
-
-def _unique(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys): raise _Refused("its header names a key twice")
-    return dict(pairs)
-
-def _no_constant(name): raise _Refused(f"its header holds {name}, which is not JSON")
-
-def _st_entry(k, v, dtypes=_ST_DTYPES):
-    "(dtype, shape, start, end) of header entry `k`, checked as the safetensors package checks it"
-    if not isinstance(v, dict) or set(v) != {'dtype', 'shape', 'data_offsets'}: raise _Refused(f"tensor {k!r} is not described by dtype, shape and data_offsets")
-    if v['dtype'] not in dtypes: raise _Refused(f"tensor {k!r} has dtype {v['dtype']!r}, which ckpt_avg does not read")
-    shape, offsets = v['shape'], v['data_offsets']
-    if type(shape) is not list or any(type(n) is not int or n < 0 for n in shape): raise _Refused(f"tensor {k!r} has shape {shape!r}")
-    if type(offsets) is not list or len(offsets) != 2 or any(type(n) is not int or n < 0 for n in offsets):
-        raise _Refused(f"tensor {k!r} has data_offsets {offsets!r}, not two ints >= 0")
-    return dtypes[v['dtype']], tuple(shape), *offsets
-
-def _st_header(mm, size):
-    "(entries in file order, metadata, where the data starts) of a safetensors file, checked as the safetensors package does"
-    n = struct.unpack('<Q', mm[:8])[0] if size >= 8 else None
-    if n is None or n > _ST_MAX_HEADER or 8 + n > size: raise _Refused("its header length runs past the end of the file: it is truncated")
-    try:
-        text = bytes(mm[8:8+n]).decode('utf-8')
-        if not text.startswith('{'): raise _Refused("its header does not start with '{'")
-        header = json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
-        if not isinstance(header, dict): raise _Refused("its header is not a JSON object")
-        for k in header: k.encode('utf-8')  # lone surrogates: the package refuses them
-    except (UnicodeError, ValueError, RecursionError) as e: raise _Refused(f"its header is not valid JSON ({e})") from None
-    meta = header.pop('__metadata__', None)
-    if meta is not None and (not isinstance(meta, dict) or not all(type(v) is str for v in meta.values())):
-        raise _Refused("its __metadata__ is not a map of strings to strings")
-    entries = sorted((_st_entry(k, v) + (k,) for k, v in header.items()), key=lambda e: (e[2], e[3]))
-    pos, data = 0, 8 + n
-    for dtype, shape, b, e, k in entries:
-        if b != pos or e < b: raise _Refused(f"tensor {k!r} has data_offsets [{b}, {e}]: offsets must tile the data in order, without gaps or overlaps")
-        if e - b != math.prod(shape) * dtype.itemsize: raise _Refused(f"tensor {k!r} of shape {list(shape)} needs {math.prod(shape)*dtype.itemsize} bytes, not {e-b}")
-        pos = e
-    if data + pos != size: raise _Refused(f"its tensors cover {pos:,} bytes of its {size-data:,} bytes of data")
-    return entries, meta or {}, data
-
-def _read_safetensors(file):
-    mapping = _Mapping(file)
-    entries, meta, data = _st_header(mapping.mm, mapping.size)
-    state = {}
-    for dtype, shape, b, e, k in entries:  # in file order: ours keeps the state dict's
-        stride = tuple(torch.empty(shape, device='meta').stride())
-        state[k] = mapping.tensor(data + b, e - b, dtype, 0, shape, stride)
-    return state, meta, mapping
 
 # %% ../nbs/07_formats.ipynb #1dabd969
 FORMATS = ('fastai', 'state_dict', 'lightning', 'timm', 'timm_ema', 'fairseq', 'safetensors')
@@ -317,35 +64,9 @@ def _strip(state, prefix, file):
                                       "pass the prefix its keys have, or none")
     return res
 
-def _first_line(msg): return next((l.strip() for l in msg.splitlines() if l.strip()), msg)
-
 def _refused_code(file, detail):
     return CheckpointError(f"refused to load {file}: unpickling it would run code or build objects that are not "
                            f"weights ({detail}). Only load files you trust, and convert them to a plain state dict yourself")
-
-def _load_object(file, mapping):
-    "(object, make-tensor function or None) of a torch file: pre-scanned, then by our reader or, for what only torch reads, torch.load"
-    if mapping.mm[:4] == b'PK\x03\x04':
-        res = _read_zip(file, mapping)
-        if res is not None: return res
-        mmap = True
-    elif mapping.mm[:4] == b'\x80\x02\x8a\x0a':
-        _scan_legacy(mapping)
-        mmap = False  # legacy (non-zip) files cannot be mapped
-    else: raise _Refused("not a torch file")
-    try: return _torch_load(file, mmap), None
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if 'GLOBAL' in msg or 'Unsupported global' in msg:
-            raise _Untrusted(next((l.strip() for l in msg.splitlines() if 'GLOBAL' in l or 'Unsupported global' in l), '')) from None
-        raise _Refused(msg) from None
-    except Exception as e: raise _Refused(f'{type(e).__name__}: {_first_line(str(e))}') from None  # torch raises RuntimeError, EOFError, KeyError...
-
-def _checked(t):
-    "A tensor torch.load returned, refused as ours would be if it overlaps itself or reads past its storage"
-    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_meta or t.device.type != 'cpu': raise _Refused("a weight is not a plain tensor")
-    _check_layout(tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes() // t.element_size())
-    return t
 
 def _unreadable(file, detail):
     "The error for a file torch cannot read: say what the file is not, without torch's advice to unpickle it unsafely"
@@ -401,54 +122,6 @@ def _read(file, format, strip_prefix, safetensors):
     return Checkpoint(file, fmt, _strip(dict(state), strip_prefix, file), has_opt=has_opt, mapping=mapping if make is not None else None)
 
 # %% ../nbs/07_formats.ipynb #288140a7
-def _stream_safetensors(spec, items, f, meta=None):
-    header, pos = {}, 0
-    for k, (dtype, shape) in spec.items():
-        if dtype not in _ST_NAMES: raise CheckpointError(f"tensor {k!r} is {dtype}, which safetensors cannot store; pick another format")
-        n = math.prod(shape)*dtype.itemsize
-        header[k] = dict(dtype=_ST_NAMES[dtype], shape=list(shape), data_offsets=[pos, pos+n])
-        pos += n
-    if meta: header['__metadata__'] = {str(k): str(v) for k,v in meta.items()}
-    h = json.dumps(header, separators=(',', ':')).encode()
-    h += b' ' * (-len(h) % 8)
-    f.write(struct.pack('<Q', len(h))); f.write(h)
-    for k, t in items:
-        if t.numel(): f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-_STORAGE_OF = {v:k for k,v in _STORAGES.items()}
-
-class _Record:
-    "Pickles as the storage record `key` of a torch zip file"
-    def __init__(self, key, dtype, numel): self.key,self.dtype,self.numel = key,dtype,numel
-
-class _Slot:
-    "Pickles as a tensor whose bytes are the record `key`, written later"
-    def __init__(self, key, dtype, shape): self.key,self.dtype,self.shape = key,dtype,tuple(shape)
-    def __reduce_ex__(self, protocol):
-        stride = torch.empty(self.shape, device='meta').stride()
-        return (torch._utils._rebuild_tensor_v2,
-                (_Record(self.key, self.dtype, math.prod(self.shape)), 0, self.shape, stride, False, collections.OrderedDict()))
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, o):
-        if isinstance(o, _Record): return ('storage', getattr(torch, _STORAGE_OF[o.dtype]), o.key, 'cpu', o.numel)
-        return None
-
-def _stream_torch(spec, items, f, wrap=None):
-    keys = {k: str(i) for i, k in enumerate(spec)}
-    obj = collections.OrderedDict((k, _Slot(keys[k], dtype, shape)) for k, (dtype, shape) in spec.items())
-    if wrap: obj = {wrap: obj}
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(obj)
-    from ckpt_avg.writer import crc32_off  # the one lock around torch's global CRC option, shared with SaveEvery's writer
-    with crc32_off(), torch.serialization._open_zipfile_writer(f) as z:  # no CRC32: torch.load never checks it, the manifest's hash does
-        for name, data in (('data.pkl', buf.getvalue()), ('.format_version', b'1'), ('.storage_alignment', b'64'), ('byteorder', b'little')):
-            z.write_record(name, data, len(data))
-        for k, t in items:
-            t = t.detach().cpu().contiguous()
-            if t.storage_offset(): t = t.clone()  # the writer writes a storage from its start
-            z.write_record(f'data/{keys[k]}', t.untyped_storage(), t.numel()*t.element_size())
-
 _WRAP = dict(lightning='state_dict', timm='state_dict', timm_ema='state_dict', fairseq='model')
 
 def write_stream(

@@ -31,8 +31,9 @@ def mean_window(out, acc, xs, ws, k, chunk):
 
 # %% ../nbs/01a_fused.ipynb #201c41fb
 @_jit
-def mean_window_bf16(out, acc, bits, xs, ws, k, chunk):
-    "`mean_window` for bfloat16 arrays given as `uint16` bit patterns (`xs`, `out`), through the uint32 scratch `bits`"
+def mean_window_bf16(out, scratch, xs, ws, k, chunk):
+    "`mean_window` for bfloat16 arrays given as `uint16` bit patterns (`xs`, `out`); `scratch`: `acc` and a uint32 `bits`"
+    acc, bits = scratch
     f = bits.view(np.float32)
     for i in range(0, out.size, chunk):
         j = min(i + chunk, out.size)

@@ -30,38 +30,39 @@ def _scratch(buffers:dict, key, chunk:int):
     if key not in buffers: buffers[key] = tuple(torch.empty(chunk, dtype=key[0]).numpy() for _ in range(2))
     return buffers[key]
 
-def _numpy_window(out, scratch, xs, weights, chunk:int):
-    "`out` = the exact (weighted) mean of the flat slices `xs`, chunk by chunk: convert into float64 `scratch`, then add"
-    acc, tmp = scratch
-    k = len(xs)
-    for i in range(0, len(out), chunk):
-        j = min(i+chunk, len(out))
-        a, b = acc[:j-i], tmp[:j-i]
-        _convert(a, xs[0][i:j])
-        if weights: np.multiply(a, weights[0], out=a)
-        for s, w in zip(xs[1:], (weights or [None]*k)[1:]):
-            _convert(b, s[i:j])
-            if w is not None: np.multiply(b, w, out=b)
-            np.add(a, b, out=a)
-        if not weights: np.divide(a, k, out=a)
-        _convert(out[i:j], a)
+def _numpy_window(weights, k:int):
+    "A window function: `out` = the exact mean of the `k` flat slices `xs` (weighted by `weights`), through float64 `scratch`"
+    ws = weights or [None]*k
+    def window(out, scratch, xs, chunk:int):
+        acc, tmp = scratch
+        for i in range(0, len(out), chunk):
+            j = min(i+chunk, len(out))
+            a, b = acc[:j-i], tmp[:j-i]
+            _convert(a, xs[0][i:j])
+            if weights: np.multiply(a, ws[0], out=a)
+            for s, w in zip(xs[1:], ws[1:]):
+                _convert(b, s[i:j])
+                if w is not None: np.multiply(b, w, out=b)
+                np.add(a, b, out=a)
+            if not weights: np.divide(a, k, out=a)
+            _convert(out[i:j], a)
+    return window
 
 # %% ../nbs/01b_kernels.ipynb #1aa00bf7
 def _average_range(lo:int, hi:int, scratch, *,
     srcs,       # the tensors averaged: their element size, and what `release` gives back
     flat,       # the same, flat, as the kernel reads them (`_flat` or `_numba_array`)
     out,        # the output, flat, as the kernel writes it
-    weights,    # normalised weights, one per source; `None`: a plain mean
     chunk:int,  # elements per scratch chunk
     release,    # per source, a function giving back the pages of a slice of it; `None`: keep them
-    window_fn,  # the kernel: `window_fn(out, scratch, xs, weights, chunk)` writes the mean of the slices `xs` into `out`
+    window_fn,  # the kernel: `window_fn(out, scratch, xs, chunk)` writes the mean of the slices `xs` into `out`
 ):
     "Elements `lo:hi` of the mean of `flat` into `out`, a window of a few chunks at a time"
     # give the inputs' pages back after each window: about _WINDOW bytes of inputs mapped at any time, whatever K
     window = chunk * max(1, _WINDOW // (len(flat) * chunk * srcs[0].element_size()))
     for i in range(lo, hi, window):
         j = min(i+window, hi)
-        window_fn(out[i:j], scratch, tuple(s[i:j] for s in flat), weights, chunk)
+        window_fn(out[i:j], scratch, tuple(s[i:j] for s in flat), chunk)
         if release:
             for r, s in zip(release, srcs): r(s.reshape(-1)[i:j])
 
@@ -78,10 +79,9 @@ def _average_tensor(srcs, weights, chunk:int, *, out=None, release=None, buffers
     n, buffers = out.numel(), {} if buffers is None else buffers
     acc_dtype = torch.complex128 if srcs[0].is_complex() else _ACC
     numba = kernel == 'numba' and srcs[0].dtype in _BY_NUMBA and acc_dtype == torch.float64
-    window_fn = _numba_window(weights, len(srcs)) if numba else _numpy_window
+    window_fn = (_numba_window if numba else _numpy_window)(weights, len(srcs))
     as_array = _numba_array if numba else _flat
-    job = dict(srcs=srcs, flat=[as_array(s) for s in srcs], out=as_array(out.detach()), weights=weights, chunk=chunk,
-               release=release, window_fn=window_fn)
+    job = dict(srcs=srcs, flat=[as_array(s) for s in srcs], out=as_array(out.detach()), chunk=chunk, release=release, window_fn=window_fn)
     # torch's thread count (`torch.set_num_threads`, `--threads`) splits a large tensor into chunk-aligned parts
     w = max(1, min(torch.get_num_threads(), n // chunk))
     cuts = [n*t//w//chunk*chunk for t in range(w)] + [n]
@@ -101,14 +101,13 @@ def _numba_array(t):
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 def _numba_window(weights, k:int, dtype=np.float64):
-    "A window function like `_numpy_window` running `ckpt_avg.fused`'s one pass, with `weights` bound once; sums in `dtype`"
+    "A window function like `_numpy_window`'s running `ckpt_avg.fused`'s one pass; sums in `dtype`"
     from ckpt_avg import fused
+    # numba takes the weights as an array and a divisor (weights of 1 and k for a plain mean), made once per tensor
     ws, div = (np.asarray(weights, dtype=dtype), dtype(1)) if weights else (np.ones(k, dtype=dtype), dtype(k))
-    def window(out, scratch, xs, weights, chunk:int):
-        # `weights` is the list bound above (the engine passes the same one to both): numba takes it as an array with a
-        # divisor, made once per tensor here rather than once per window; the argument keeps one signature for both kernels
+    def window(out, scratch, xs, chunk:int):
         acc = scratch[0].view(dtype)[:chunk]
-        if out.dtype == np.uint16: fused.mean_window_bf16(out, acc, scratch[1].view(np.uint32), xs, ws, div, chunk)  # bfloat16 bits
+        if out.dtype == np.uint16: fused.mean_window_bf16(out, (acc, scratch[1].view(np.uint32)), xs, ws, div, chunk)  # bfloat16 bits
         else: fused.mean_window(out, acc, xs, ws, div, chunk)
     return window
 
@@ -120,7 +119,7 @@ def _numba_ready(ckpts, weights, chunk:int)->str|None:
     try:
         for key in firsts.values():
             xs = tuple(_numba_array(c.state[key])[:1] for c in ckpts)
-            _numba_window(weights, len(ckpts))(np.empty_like(xs[0]), (np.empty(chunk), np.empty(chunk)), xs, weights, chunk)
+            _numba_window(weights, len(ckpts))(np.empty_like(xs[0]), (np.empty(chunk), np.empty(chunk)), xs, chunk)
     except Exception as e:
         why = (str(e).strip().splitlines() or [''])[0][:200]
         return (f"kernel='numba' needs the numba package, working with this numpy, and it failed here ({type(e).__name__}: "

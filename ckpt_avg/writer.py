@@ -4,15 +4,18 @@
 
 # %% ../nbs/11_writer.ipynb #12137fd9
 from __future__ import annotations
-import contextlib, copy, threading
+import copy, threading
 from collections import OrderedDict
 import torch
 from fastcore.foundation import L
+from .torch_writer import crc32_off, save_no_crc
 
 # %% auto #0
-__all__ = ['Snapshot', 'crc32_off', 'save_no_crc', 'BackgroundWriter']
+__all__ = ['Snapshot', 'BackgroundWriter', 'crc32_off', 'save_no_crc']
 
 # %% ../nbs/11_writer.ipynb #beb9c4bb
+_all_ = ['crc32_off', 'save_no_crc']  # from `torch_writer`, importable from here as before
+
 def _alias_key(t):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
@@ -61,24 +64,6 @@ class Snapshot:
         if cuda: devices.add(t.device)
         self._used[path] = self._seen[key] = buf
         return buf
-
-# %% ../nbs/11_writer.ipynb #d378ea0c
-_crc_lock = threading.Lock()
-
-@contextlib.contextmanager
-def crc32_off():
-    "Turn torch's zip CRC32 off for what runs inside, under one lock for every writer in the process; put the option back after"
-    ser = torch.serialization
-    if not hasattr(ser, 'get_crc32_options'): yield; return  # an older torch: it always writes CRC32
-    with _crc_lock:
-        before = ser.get_crc32_options()
-        ser.set_crc32_options(False)
-        try: yield
-        finally: ser.set_crc32_options(before)
-
-def save_no_crc(obj, f, **kwargs):
-    "`torch.save(obj, f)` without the zip CRC32 (which `torch.load` never checks); the global option is restored"
-    with crc32_off(): torch.save(obj, f, **kwargs)
 
 # %% ../nbs/11_writer.ipynb #62e32bd2
 class BackgroundWriter:

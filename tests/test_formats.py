@@ -254,7 +254,7 @@ def test_a_huge_memo_index_takes_no_memory(tmp_path):
 
 
 def test_build_cannot_change_the_functions_the_reader_allows(tmp_path):
-    import ckpt_avg.formats as formats
+    import ckpt_avg.torch_reader as formats  # the reader moved from formats to torch_reader
     def u(s): return b'X' + struct.pack('<I', len(s)) + s.encode()
     evil = (b'\x80\x02}' + u('w') +                           # {'w': ...
             b'ctorch._utils\n_rebuild_tensor_v2\n' +          # the function the reader calls for each tensor
