@@ -90,6 +90,8 @@ def test_device_cpu(tmp_path):
     fit(learn, 1, [a, b])
     assert all(v.device.type == 'cpu' for v in b._ema.values())
     assert states_equal(a.weights(), b.weights())
+    on_meta = torch.empty(2, device='meta')   # a model elsewhere than the CPU (without needing a GPU)
+    assert a._where(on_meta) == torch.device('meta') and b._where(on_meta) == torch.device('cpu')
 
 class SkipEveryThird(Callback):
     "What MixedPrecision does on an overflow: cancel the optimizer step (here of batches 2, 5, 8, ...)"
@@ -148,7 +150,7 @@ def test_lr_find_validate_get_preds_change_nothing(tmp_path):
 def test_fine_tune_one_ema_or_restart(tmp_path):
     for restart, steps in ((False, 16*3), (True, 16*2)):
         learn, rec = digits_learner(path=tmp_path/str(restart)), Record()
-        ema = EMA(decay=0.9, restart=restart)
+        ema = EMA(decay=0.9, restart=True) if restart else EMA(decay=0.9)   # the default: one EMA across both fits
         fit(learn, 2, [ema, rec], fn='fine_tune')   # freeze_epochs=1, then 2 epochs
         assert ema.n_steps == steps
         assert ema.weights().keys() == learn.model.state_dict().keys()
