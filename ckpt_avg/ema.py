@@ -93,6 +93,9 @@ def before_fit(self:EMACallback):
     self._bind()
     self._savers = [cb for cb in self.learn.cbs if isinstance(cb, SaveEveryNCallback) and getattr(cb, 'run', True)]
     self._seen = [cb._entry for cb in self._savers]  # each saver's latest save (None: none yet in this fit)
+    if any(s.with_opt for s in self._savers) and sum(isinstance(cb, EMACallback) for cb in self.learn.cbs) > 1:
+        raise ValueError("two EMA callbacks in a fit with a SaveEvery(with_opt=True) would write the same sidecar at each save; "
+                         "keep one EMA in that fit, or pass with_opt=False to the SaveEvery")
 
 @patch
 def before_batch(self:EMACallback): self._stepped = False
