@@ -80,6 +80,7 @@ def select_checkpoints(
     entries,                 # manifest entries in save order (e.g. `Manifest(folder).live(fit)`)
     strategy:str='last',     # one of `STRATEGIES`
     k:int=5,                 # how many checkpoints to average
+    *,
     monitor:str='valid_loss',# the recorded value that 'metric', 'best' and 'window' rank or weigh by
     weights=None,            # with 'weighted': one weight per checkpoint, oldest first
     decay:float=None,        # with 'ema': weight ratio between a checkpoint and the next newer one
