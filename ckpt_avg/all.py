@@ -6,7 +6,7 @@
 __all__ = []
 
 # %% ../nbs/06_all.ipynb #c66f4aeb
-from . import files, plan, core, manifest, formats, writer, distrib, save, average, strategies, ema, demo
+from . import files, plan, core, manifest, formats, writer, distrib, save, average, strategies, report, ema, demo
 from .plan import *
 from .core import *
 from .files import *
@@ -17,9 +17,10 @@ from .distrib import *
 from .save import *
 from .average import *
 from .strategies import *
+from .report import *
 from .ema import *
 from .demo import *
 
 # %% ../nbs/06_all.ipynb #4cea4b73
-__all__ = list(dict.fromkeys(name for module in (files, plan, core, manifest, formats, writer, distrib, save, average, strategies, ema, demo)
+__all__ = list(dict.fromkeys(name for module in (files, plan, core, manifest, formats, writer, distrib, save, average, strategies, report, ema, demo)
                              for name in module.__all__))  # core also answers for the plan's names

@@ -8,34 +8,87 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch
-from fastcore.basics import store_attr, patch, noop
+from fastcore.basics import store_attr, noop
 from fastcore.foundation import L
-try: from fastcore.imports import IN_NOTEBOOK
-except ImportError: IN_NOTEBOOK = False
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.callback.tracker import SaveModelCallback
 from fastai.torch_core import rank_distrib, get_model
 from .files import atomic_write
 from .manifest import Manifest
-from .core import average_checkpoints, plan_entries
+from .core import average_checkpoints
+from .plan import plan_entries
 from .save import SaveEveryNCallback, TrainingFitCallback, training_fit, _savers
-from .strategies import check_strategy, select_checkpoints, greedy_soup, recompute_bn, _NEEDS_METRIC
-from .strategies import _direction
+from .strategies import check_strategy, select_checkpoints, greedy_soup, recompute_bn, _NEEDS_METRIC, _direction
+from .report import validated_names, validate_model, final_and_average, which_weights, what_final_is, fingerprint
+from .report import report_table, show_table, save_spans, validate_checkpoints, plot_checkpoints
 from .distrib import share_average, is_distributed
 from .writer import save_no_crc
 
 # %% auto #0
 __all__ = ['AverageLast', 'AverageCheckpointsCallback']
 
-# %% ../nbs/03_average.ipynb #7647fa27
+# %% ../nbs/03_average.ipynb #a7c0e1d2
 _END_WITH = ('average', 'better', 'final')
 
+def _has_data(dl):
+    try: return dl is not None and len(dl) > 0
+    except TypeError: return True
+
+def _is_frozen(learn)->bool:
+    "Is the model frozen (`learn.freeze()`, `fine_tune`'s first stage)? fastai freezes parameter groups before `opt.frozen_idx`"
+    return getattr(getattr(learn, 'opt', None), 'frozen_idx', 0) > 0
+
+def _mixed_precision(learn): return next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
+
+def _inputs_as_model(dl, model):
+    "Batches of `dl` with floating inputs cast to the dtype of `model`'s parameters, when those are not float32 (a `.bfloat16()` model)"
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for b in dl:
+        yield b if dtype == torch.float32 else [x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in b]
+
+def _check_saver(saver, k:int, strategy:str, monitor:str):
+    "Refuse, before training, a `saver` that would delete checkpoints we need, or never records the metric `strategy` ranks by"
+    if saver is None: return
+    if saver.keep is not None and saver.keep < k:
+        raise ValueError(f"keep={saver.keep} would delete checkpoints that AverageLast({k}) needs; pass keep>={k} or keep=None")
+    if strategy not in _NEEDS_METRIC or saver.epochs: return
+    given = ', '.join(f'{n}={v!r}' for n in ('minutes', 'batches', 'steps') if (v := getattr(saver, n)) is not None)
+    raise ValueError(f"strategy={strategy!r} ranks checkpoints by {monitor!r} as validated at the end of an epoch, and "
+                     f"SaveEvery({given}) saves only in the middle of epochs, where nothing is validated; add epochs= to it "
+                     f"(e.g. SaveEvery(epochs=1, {given})), or pass strategy='last', 'ema' or 'soup'")
+
+def _validation_data(cb)->tuple:
+    "(valid, why_none): the data `cb` validates on at the end of the fit, refusing before training what it could not do there"
+    if is_distributed():  # validation and BN passes are collective: rank 0 cannot run them alone in after_fit
+        needs = [o for o, on in (("end_with='better'", cb.end_with == 'better'), ("strategy='soup'", cb.strategy == 'soup'),
+                                 ("recompute_bn", cb.recompute_bn is not False)) if on]
+        if needs: raise ValueError(f"{' and '.join(needs)} run the model on data when the fit ends, which under distributed training "
+                                   "only rank 0 does; pass end_with='average' or 'final', another strategy and recompute_bn=False, "
+                                   "or average after training in a single process")
+        return None, "distributed training: validate the average after the fit"
+    names, learn = validated_names(cb.learn), cb.learn
+    if (cb.end_with == 'better' or cb.strategy in _NEEDS_METRIC + ('soup',)) and cb.monitor not in names:
+        raise ValueError(f"monitor={cb.monitor!r} is not a value this Learner records; pass one of {', '.join(map(repr, names))}")
+    valid = learn.dls.valid if len(learn.dls.loaders) > 1 and getattr(learn.recorder, 'valid_metrics', True) else None
+    if cb.end_with == 'better' and not _has_data(valid):
+        raise ValueError("end_with='better' compares final and average weights on dls.valid, and this Learner has no "
+                         "validation data (or its Recorder has valid_metrics=False); give it some, or pass end_with='average' or 'final'")
+    if cb.strategy == 'soup' and not _has_data(cb.holdout if cb.holdout is not None else valid):
+        raise ValueError("strategy='soup' chooses checkpoints on held-out data: pass holdout= a DataLoader, or give the Learner dls.valid")
+    if cb.strategy in _NEEDS_METRIC and cb.scope == 'fit' and not _has_data(valid):
+        raise ValueError(f"strategy={cb.strategy!r} needs {cb.monitor!r} validated when each checkpoint is saved, and this Learner "
+                         "has no validation data (or its Recorder has valid_metrics=False); give it some, or pass strategy='last', 'ema' or 'weighted'")
+    if cb.recompute_bn is not False and not _has_data(learn.dls.train):
+        raise ValueError("recompute_bn needs training batches and dls.train is empty; pass recompute_bn=False")
+    return (valid, None) if _has_data(valid) else (None, "no validation data")
+
+# %% ../nbs/03_average.ipynb #7647fa27
 class AverageCheckpointsCallback(TrainingFitCallback):
     "After the fit, average checkpoints of `fname`, report final vs average on `dls.valid`, and end with the weights asked for"
     order = SaveEveryNCallback.order+1  # after SaveModelCallback (61) reloads its best, before EarlyStopping (63) may stop the fit
     run_after = SaveEveryNCallback
     _stateattrs = ('saver', 'soup', 'valid', '_autocast', '_trained', '_fitted')  # links to this fit's data and state: not for `learn.export`
+    _shared = ('entries', 'files', 'saved_path', 'results', 'table', 'holds', 'reason')  # rank 0's outcome, given to every rank (`share_average`)
     def __init__(self,
         k:int=5,                           # how many checkpoints to average (the latest, unless `strategy` says otherwise)
         fname:str='ckpt',                  # the `fname` of the `SaveEvery` whose checkpoints to average
@@ -43,8 +96,9 @@ class AverageCheckpointsCallback(TrainingFitCallback):
         weights=None,                      # with strategy='weighted': one weight per checkpoint, oldest first
         decay:float=None,                  # with strategy='ema': weight ratio of a checkpoint to the next newer one
         end_with:str='average',            # the weights `learn.model` ends with: 'average', 'better' (by `monitor`) or 'final'
+        *,
         monitor:str='valid_loss',          # what 'better', 'metric', 'best', 'window' and 'soup' judge by
-        lower_is_better:bool=None,         # direction of `monitor`; None: fastai's rule ('loss'/'error' in the name: lower)
+        lower_is_better:bool=None,         # direction of `monitor`; None: known for fastai's metrics, else fastai's rule (see `strategies`)
         report:bool=True,                  # validate final and average weights on `dls.valid` and show the table
         holdout=None,                      # the held-out `DataLoader` greedy soup is chosen on; None: `dls.valid`
         recompute_bn=False,                # recompute BatchNorm statistics of the average on `dls.train`: True (all) or a number of batches
@@ -74,311 +128,160 @@ class AverageCheckpointsCallback(TrainingFitCallback):
         self.reads_saves_of = fname  # `SaveEvery(fname=...)` leaves it to us to say why a fit saved nothing
         self.lower, self.direction = _direction(monitor, lower_is_better)
 
-# %% ../nbs/03_average.ipynb #3502e186
-def _has_data(dl):
-    try: return dl is not None and len(dl) > 0
-    except TypeError: return True
+    def before_fit(self):
+        self.run = training_fit(self.learn) and (self.frozen or not _is_frozen(self.learn))
+        self._quiet = self.learn.logger is noop  # `learn.no_logging()`: no table, no summary
+        if not self.run:
+            if training_fit(self.learn):
+                self._say(f"AverageLast: this fit runs on a frozen model (fine_tune's first stage?), so nothing is averaged and it "
+                          "ends with its own weights; pass AverageLast(frozen=True) to average it too")
+            return
+        mp = _mixed_precision(self.learn)
+        self._autocast, self._trained = mp.autocast if mp else None, None  # MixedPrecision drops it in its after_fit, before ours
+        self.saver = next(iter(_savers(self.learn, self.fname)), None)
+        _check_saver(self.saver, self.k, self.strategy, self.monitor)
+        self.valid, self._no_report = _validation_data(self)
+        self.folder = Path(self.learn.path)/self.learn.model_dir
+        self.fit_id = self._fit_to_average()
+        self.target = self._target()
+        if self.target is not None and self.target.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.target} already exists and AverageLast would replace it; pass another save_as, or overwrite=True")
+        self.entries, self.files, self.pool, self.saved_path = L(), L(), L(), None
+        self.results, self.table, self.holds, self.soup = None, None, None, None
 
-@patch
-def _check_data(self:AverageCheckpointsCallback):
-    "Refuse, before training, what the end of the fit could not do"
-    self._no_report = "no validation data"
-    if is_distributed():  # validation and BN passes are collective: rank 0 cannot run them alone in after_fit
-        needs = [o for o, on in (("end_with='better'", self.end_with == 'better'), ("strategy='soup'", self.strategy == 'soup'),
-                                 ("recompute_bn", self.recompute_bn is not False)) if on]
-        if needs: raise ValueError(f"{' and '.join(needs)} run the model on data when the fit ends, which under distributed training "
-                                   "only rank 0 does; pass end_with='average' or 'final', another strategy and recompute_bn=False, "
-                                   "or average after training in a single process")
-        self.valid, self._no_report = None, "distributed training: validate the average after the fit"
-        return
-    names = ['valid_loss'] + list(L(self.learn.metrics).attrgot('name'))
-    if (self.end_with == 'better' or self.strategy in _NEEDS_METRIC + ('soup',)) and self.monitor not in names:
-        raise ValueError(f"monitor={self.monitor!r} is not a value this Learner records; pass one of {', '.join(map(repr, names))}")
-    valid = self.dls.valid if len(self.dls.loaders) > 1 and getattr(self.recorder, 'valid_metrics', True) else None
-    if self.end_with == 'better' and not _has_data(valid):
-        raise ValueError("end_with='better' compares final and average weights on dls.valid, and this Learner has no "
-                         "validation data (or its Recorder has valid_metrics=False); give it some, or pass end_with='average' or 'final'")
-    if self.strategy == 'soup' and not _has_data(self.holdout if self.holdout is not None else valid):
-        raise ValueError("strategy='soup' chooses checkpoints on held-out data: pass holdout= a DataLoader, or give the Learner dls.valid")
-    if self.strategy in _NEEDS_METRIC and self.scope == 'fit' and not _has_data(valid):
-        raise ValueError(f"strategy={self.strategy!r} needs {self.monitor!r} validated when each checkpoint is saved, and this Learner "
-                         "has no validation data (or its Recorder has valid_metrics=False); give it some, or pass strategy='last', 'ema' or 'weighted'")
-    if self.recompute_bn is not False and not _has_data(self.dls.train):
-        raise ValueError("recompute_bn needs training batches and dls.train is empty; pass recompute_bn=False")
-    self.valid = valid if _has_data(valid) else None
+    def after_epoch(self): self._trained = fingerprint(get_model(self.model))
+    def after_cancel_fit(self): self._trained = fingerprint(get_model(self.model))
 
-def _is_frozen(learn)->bool:
-    "Is the model frozen (`learn.freeze()`, `fine_tune`'s first stage)? fastai freezes parameter groups before `opt.frozen_idx`"
-    return getattr(getattr(learn, 'opt', None), 'frozen_idx', 0) > 0
+    @share_average  # distributed training: rank 0 averages, every rank ends with its weights (see `distrib`)
+    def after_fit(self):
+        if rank_distrib() != 0: return
+        manifest, plan = self._plan()
+        if plan is None: return
+        model = get_model(self.model)
+        final = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}  # on the CPU: no second copy on the GPU
+        self.final_is, self.final_label = what_final_is(self.learn, self._trained)
+        try:
+            with self._as_trained():
+                entries, state = self._average(plan)
+                self._decide(final, state)
+            self._save(manifest, entries, state, plan.given_weights)
+            model.load_state_dict(state if self.holds == 'average' else final)
+        except BaseException:
+            model.load_state_dict(final)
+            raise
+        self.entries, self.files = L(entries), L(manifest.file(e) for e in entries)
+        self._say(self._summary(len(plan.files)))
 
-@patch
-def _check_saver(self:AverageCheckpointsCallback):
-    "Refuse, before training, a strategy that needs metrics the saver never records"
-    s = self.saver
-    if s is None or self.strategy not in _NEEDS_METRIC or s.epochs: return
-    given = ', '.join(f'{k}={v!r}' for k in ('minutes', 'batches', 'steps') if (v := getattr(s, k)) is not None)
-    raise ValueError(f"strategy={self.strategy!r} ranks checkpoints by {self.monitor!r} as validated at the end of an epoch, and "
-                     f"SaveEvery({given}) saves only in the middle of epochs, where nothing is validated; add epochs= to it "
-                     f"(e.g. SaveEvery(epochs=1, {given})), or pass strategy='last', 'ema' or 'soup'")
+    def plot(self,
+        ax=None,                 # matplotlib axes to draw on; None: a new figure
+        metric:str='valid_loss', # the recorded value to plot
+        validate:bool=False,     # validate every checkpoint on `dls.valid` now (one pass each), e.g. for saves made mid-epoch
+    ):
+        "`metric` of every checkpoint of the fit against the average and the final weights; the train loss where saves have no `metric`"
+        if not self.pool: raise ValueError("nothing to plot: call plot() after a fit in which AverageLast averaged checkpoints")
+        files = [Path(self.folder)/e['file'] for e in self.pool]
+        values = validate_checkpoints(self.learn or self._fitted, files, metric) if validate else None  # `fit(cbs=...)` detaches us
+        return plot_checkpoints(self.pool, self.entries, self.results, ax=ax, metric=metric, values=values)
 
-@patch
-def before_fit(self:AverageCheckpointsCallback):
-    self.run = training_fit(self.learn) and (self.frozen or not _is_frozen(self.learn))
-    self._quiet = self.learn.logger is noop  # `learn.no_logging()`: no table, no summary
-    if not self.run:
-        if training_fit(self.learn):
-            self._say(f"AverageLast: this fit runs on a frozen model (fine_tune's first stage?), so nothing is averaged and it "
-                      "ends with its own weights; pass AverageLast(frozen=True) to average it too")
-        return
-    mp = [cb for cb in self.learn.cbs if isinstance(cb, MixedPrecision)]
-    self._autocast = mp[0].autocast if mp else None  # MixedPrecision drops it in its after_fit, before ours runs
-    self._trained = None
-    savers = _savers(self.learn, self.fname)
-    self.saver = savers[0] if savers else None
-    if self.saver and self.saver.keep is not None and self.saver.keep < self.k:
-        raise ValueError(f"keep={self.saver.keep} would delete checkpoints that AverageLast({self.k}) needs; pass keep>={self.k} or keep=None")
-    self._check_saver()
-    self._check_data()
-    self.folder = Path(self.learn.path)/self.learn.model_dir
-    manifest = self.saver.manifest if self.saver else Manifest(self.folder, self.fname)
-    if self.saver is None:
+    def _fit_to_average(self)->int:
+        "This fit (its provisional id), or with `scope='all'` and no `SaveEvery` in the fit, the manifest's newest; refuse nothing to average"
+        if self.saver is not None: return self.saver.fit_id
         if self.scope == 'fit':
             raise ValueError(f"AverageLast(fname={self.fname!r}) averages the saves of this fit, but there is no SaveEvery(fname={self.fname!r}) "
                              f"in it: add one to cbs (e.g. SaveEvery(epochs=1, fname={self.fname!r})), or pass scope='all' to average earlier saves")
+        manifest = Manifest(self.folder, self.fname)
         if not manifest.live():
             raise ValueError(f"AverageLast(fname={self.fname!r}, scope='all') has nothing to average: {manifest.path} lists no checkpoints "
                              f"and no SaveEvery(fname={self.fname!r}) is in this fit; add one to cbs")
-    self.fit_id = self.saver.fit_id if self.saver else max(e['fit'] for e in manifest.live())
-    self.target = None
-    if self.save_as is not None:
-        self.target = self.folder/(self.save_as.format(fname=self.fname, fit=self.fit_id) + '.pth')
-        if self.target.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.target} already exists and AverageLast would replace it; pass another save_as, or overwrite=True")
-    self.entries, self.files, self.pool, self.saved_path = L(), L(), L(), None
-    self.results, self.table, self.holds, self.soup = None, None, None, None
+        return max(e['fit'] for e in manifest.live())
 
-# %% ../nbs/03_average.ipynb #a210735a
-def _evaluate(learn, dl)->dict:
-    "Valid loss and metrics of `learn.model` on `dl`, as `learn.validate` computes them, callable inside a fit"
-    rec = learn.recorder
-    log = getattr(rec, 'log', None)
-    try:
-        with learn.validation_context(inner=True): learn._do_epoch_validate(dl=dl)
-        vals = [float(m.value) for m in rec._valid_mets]
-    finally: rec.log = log
-    return dict(zip(['valid_loss'] + list(L(learn.metrics).attrgot('name')), vals))
+    def _target(self)->Path:
+        "The average's file, named from `save_as` and the fit; None with `save_as=None`"
+        return None if self.save_as is None else self.folder/(self.save_as.format(fname=self.fname, fit=self.fit_id) + '.pth')
 
-@patch
-@contextmanager
-def _as_trained(self:AverageCheckpointsCallback):
-    "Give `MixedPrecision` back, for the end of the fit, the autocast it trained under (its `after_fit` has already dropped it)"
-    mp = [cb for cb in self.learn.cbs if isinstance(cb, MixedPrecision)]
-    if not mp or self._autocast is None or mp[0].autocast is not None: yield; return
-    mp[0].autocast = self._autocast
-    try: yield
-    finally: mp[0].autocast = None
+    @property
+    def _where(self)->str: return f"fit {self.fit_id}" if self.scope == 'fit' else "the manifest"
 
-def _inputs_as_model(dl, model):
-    "Batches of `dl` with floating inputs cast to the dtype of `model`'s parameters, when those are not float32 (a `.bfloat16()` model)"
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    for b in dl:
-        yield b if dtype == torch.float32 else [x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in b]
+    def _plan(self)->tuple:
+        "(manifest, plan): the checkpoints to average, chosen by `strategy` and verified; no plan (and a warning) when there are none"
+        if self.saver is not None and self.saver.fit_id != self.fit_id:  # another process took the id first: SaveEvery recorded the next
+            self.fit_id = self.saver.fit_id
+            self.target = self._target()
+        manifest = self.saver.manifest if self.saver else Manifest(self.folder, self.fname)
+        self.pool, self._fitted = L(manifest.live(self.fit_id if self.scope == 'fit' else None)), self.learn
+        if not self.pool:
+            why = f" ({self.saver.no_saves})" if self.saver is not None and self.saver.no_saves else ''
+            warnings.warn(f"AverageLast({self.k}): no checkpoints of {self._where} to average; the model keeps its final weights{why}")
+            return manifest, None
+        entries, weights = select_checkpoints(self.pool, self.strategy, self.k, monitor=self.monitor, weights=self.weights,
+                                              decay=self.decay, lower=self.lower)
+        plan = plan_entries(manifest, entries, weights, skip_corrupt=self.skip_corrupt)  # verified, weights aligned, before anything is loaded
+        if not plan.entries:
+            warnings.warn(f"AverageLast({self.k}): every selected checkpoint of {self._where} failed its integrity check; the model keeps its final weights")
+            return manifest, None
+        if len(plan.entries) < self.k:
+            warnings.warn(f"AverageLast({self.k}): only {len(plan.entries)} checkpoint(s) of {self._where} to average, fewer than k={self.k}")
+        return manifest, plan
 
-@patch
-def _use(self:AverageCheckpointsCallback, state)->dict:
-    "Load `state` into the model, recompute BatchNorm statistics if asked (as the model trained: autocast, dtype), return the state it now has"
-    model = get_model(self.model)
-    model.load_state_dict(state)
-    if self.recompute_bn is False: return state
-    with (self._autocast if self._autocast is not None else nullcontext()):
-        recompute_bn(model, _inputs_as_model(self.dls.train, model), None if self.recompute_bn is True else self.recompute_bn, self.dls.n_inp)
-    return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
+    def _average(self, plan)->tuple:
+        "(entries, state): the average of `plan`'s checkpoints, or their greedy soup"
+        if self.strategy != 'soup': return plan.entries, self._use(average_checkpoints(plan))
+        dl = self.holdout if self.holdout is not None else self.valid
+        self.soup = greedy_soup(plan.files, lambda s: validate_model(self.learn, dl)[self.monitor], self.lower, prepare=self._use)
+        return [plan.entries[i] for i in self.soup.chosen], self.soup.state
 
-def _fingerprint(model)->torch.Tensor:
-    "One float64 sum per floating tensor of `model`'s state: it tells whether a callback loaded other weights after training"
-    with torch.no_grad():
-        return torch.stack([v.double().sum() for v in model.state_dict().values() if v.is_floating_point()] or [torch.zeros((), dtype=torch.float64)]).cpu()
+    def _use(self, state)->dict:
+        "Load `state` into the model, recompute BatchNorm statistics if asked (as the model trained: autocast, dtype); the state it now has"
+        model = get_model(self.model)
+        model.load_state_dict(state)
+        if self.recompute_bn is False: return state
+        with (self._autocast if self._autocast is not None else nullcontext()):
+            recompute_bn(model, _inputs_as_model(self.dls.train, model), None if self.recompute_bn is True else self.recompute_bn, self.dls.n_inp)
+        return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
 
-@patch
-def after_epoch(self:AverageCheckpointsCallback): self._trained = _fingerprint(get_model(self.model))
-@patch
-def after_cancel_fit(self:AverageCheckpointsCallback): self._trained = _fingerprint(get_model(self.model))
+    @contextmanager
+    def _as_trained(self):
+        "Give `MixedPrecision` back, for the end of the fit, the autocast it trained under (its `after_fit` has already dropped it)"
+        mp = _mixed_precision(self.learn)
+        if mp is None or self._autocast is None or mp.autocast is not None: yield; return
+        mp.autocast = self._autocast
+        try: yield
+        finally: mp.autocast = None
 
-@patch
-def _final_is(self:AverageCheckpointsCallback)->str:
-    "What the weights the fit ended with are: the last trained ones, or what another callback loaded after training"
-    if self._trained is None or torch.equal(self._trained, _fingerprint(get_model(self.model))): return ''
-    smc = [cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback)]
-    if smc:
-        self.final_label = f"{type(smc[0]).__name__}'s best"
-        return f"{type(smc[0]).__name__}'s best, {smc[0].monitor} {float(smc[0].best):.4g}, loaded by it when the fit ended"
-    self.final_label = "reloaded by a callback"
-    return "not the last trained weights: a callback that runs before AverageLast loaded others when the fit ended"
+    def _decide(self, final:dict, state:dict):
+        "Validate final and average weights when asked or needed, show the table, and choose what the model ends with"
+        if (self.report or self.end_with == 'better') and self.valid is not None:
+            self.results = final_and_average(self.learn, self.valid, final, state)
+            self.table = report_table(self.results, self.final_label, len(self.soup.chosen) if self.soup else None)
+            if self.report and not self._quiet and self.learn.logger is not noop: show_table(self.table, self._say)
+        self.holds, self.reason = which_weights(self.end_with, self.results, monitor=self.monitor, lower=self.lower,
+                                                direction=self.direction, saved=self.target is not None)
 
-@patch
-def _say(self:AverageCheckpointsCallback, msg):
-    "Show `msg` through the Learner's logger; through `print` when an interrupted fit left a dead callback's logger in its place"
-    if getattr(self, '_quiet', False): return
-    out = self.learn.logger
-    if out is noop: return
-    if isinstance(getattr(out, '__self__', None), Callback): out = print  # e.g. ProgressCallback's, after a KeyboardInterrupt
-    out(msg)
+    def _save(self, manifest, entries, state, weights):
+        "Write the average next to the checkpoints and record it; if the record fails, the file is removed"
+        if self.target is None: return
+        meta = atomic_write(self.target, lambda f: save_no_crc(state, f), overwrite=self.overwrite)  # the manifest's hash replaces torch's CRC32
+        manifest.record_average(self.target.name, [e['file'] for e in entries], meta, self.fit_id, None if self.soup else weights,
+            strategy=self.strategy, recompute_bn=self.recompute_bn, report=self.results, end_with=self.end_with, holds=self.holds)
+        self.saved_path = self.target
 
-@patch
-def _score(self:AverageCheckpointsCallback, dl)->float:
-    return _evaluate(self.learn, dl)[self.monitor]
+    def _summary(self, n:int)->str:
+        "What was averaged (of `n` candidates), where it was saved, and which weights the model holds, and why"
+        what = f"{len(self.entries)} of {n} checkpoints (greedy soup)" if self.soup else f"{len(self.entries)} checkpoint(s)"
+        saved = f"; saved as {self.saved_path}" if self.saved_path else ""
+        if self.report and self.valid is None: saved += f"; no report ({self._no_report})"
+        if "fastai's rule" in self.direction and self.strategy in _NEEDS_METRIC + ('soup',): saved += f"; {self.monitor}: {self.direction}"
+        final_is = f" ({self.final_is})" if self.final_is and self.holds == 'final' else ''
+        return (f"AverageLast: averaged {what} of {self._where} ({save_spans(self.entries)}){saved}. learn.model holds the {self.holds} "
+                f"weights{final_is}: {self.reason}")
 
-# %% ../nbs/03_average.ipynb #ce0cb415
-def _round(v)->str: return f'{v:.2f}'.rstrip('0').rstrip('.')
-
-def _span(entries, key):
-    vals = [e[key] for e in entries]
-    fmt = _round if key == 'epoch' else str
-    return fmt(vals[0]) if len(vals) == 1 else f'{fmt(vals[0])}–{fmt(vals[-1])}'
-
-def _spans(entries)->str:
-    "Where `entries` (in save order) come from: 'epochs 1.43–3.57, iterations 10–25', per fit when they span several"
-    runs = []
-    for e in entries:
-        if runs and runs[-1][0] == e['fit']: runs[-1][1].append(e)
-        else: runs.append((e['fit'], [e]))
-    text = [f"epochs {_span(es, 'epoch')}, iterations {_span(es, 'iter')}" for _, es in runs]
-    return text[0] if len(runs) == 1 else '; '.join(f"fit {f}: {t}" for (f, _), t in zip(runs, text))
-
-@patch
-def _average(self:AverageCheckpointsCallback, plan):
-    entries, files = plan.entries, plan.files
-    if self.strategy != 'soup': return entries, self._use(average_checkpoints(plan))
-    dl = self.holdout if self.holdout is not None else self.valid
-    self.soup = greedy_soup(files, lambda s: self._score(dl), self.lower, prepare=self._use)
-    return [entries[i] for i in self.soup.chosen], self.soup.state
-
-@patch
-@share_average  # distributed training: rank 0 averages, every rank ends with its weights (see `distrib`)
-def after_fit(self:AverageCheckpointsCallback):
-    if rank_distrib() != 0: return
-    if self.saver is not None and self.saver.fit_id != self.fit_id:  # another process took the id first: SaveEvery recorded the next
-        self.fit_id = self.saver.fit_id
-        if self.target is not None: self.target = self.folder/(self.save_as.format(fname=self.fname, fit=self.fit_id) + '.pth')
-    manifest = self.saver.manifest if self.saver else Manifest(self.folder, self.fname)
-    self.pool, self._fitted = L(manifest.live(self.fit_id if self.scope == 'fit' else None)), self.learn
-    where = f"fit {self.fit_id}" if self.scope == 'fit' else "the manifest"
-    if not self.pool:
-        why = f" ({self.saver._why_no_saves()})" if self.saver is not None and not self.saver.saved else ''
-        return warnings.warn(f"AverageLast({self.k}): no checkpoints of {where} to average; the model keeps its final weights{why}")
-    entries, weights = select_checkpoints(self.pool, self.strategy, self.k, self.monitor, self.weights, self.decay, self.lower)
-    plan = plan_entries(manifest, entries, weights, skip_corrupt=self.skip_corrupt)  # verified, weights aligned, before anything is loaded
-    entries, weights = plan.entries, plan.given_weights
-    if not entries:
-        return warnings.warn(f"AverageLast({self.k}): every selected checkpoint of {where} failed its integrity check; the model keeps its final weights")
-    if len(entries) < self.k:
-        warnings.warn(f"AverageLast({self.k}): only {len(entries)} checkpoint(s) of {where} to average, fewer than k={self.k}")
-    files = list(plan.files)
-    model = get_model(self.model)
-    final = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}  # on the CPU: no second copy on the GPU
-    self.final_is = self._final_is()
-    try:
-        with self._as_trained():
-            entries, state = self._average(plan)
-            self._decide(final, state)
-        self._save(manifest, entries, state, weights)
-        model.load_state_dict(state if self.holds == 'average' else final)
-    except BaseException:
-        model.load_state_dict(final)
-        raise
-    self.entries, self.files = L(entries), L(manifest.file(e) for e in entries)
-    what = f"{len(entries)} of {len(files)} checkpoints (greedy soup)" if self.soup else f"{len(entries)} checkpoint(s)"
-    saved = f"; saved as {self.saved_path}" if self.saved_path else ""
-    if self.report and self.valid is None: saved += f"; no report ({self._no_report})"
-    if "fastai's rule" in self.direction and (self.strategy in _NEEDS_METRIC + ('soup',)): saved += f"; {self.monitor}: {self.direction}"
-    final_is = f" ({self.final_is})" if self.final_is and self.holds == 'final' else ''
-    self._say(f"AverageLast: averaged {what} of {where} ({_spans(entries)}){saved}. learn.model holds the {self.holds} "
-              f"weights{final_is}: {self.reason}")
-
-# %% ../nbs/03_average.ipynb #c3aba14e
-@patch
-def _decide(self:AverageCheckpointsCallback, final, state):
-    "Validate final and average weights when asked or needed, show the table, and set `holds` and `reason`"
-    if (self.report or self.end_with == 'better') and self.valid is not None:
-        get_model(self.model).load_state_dict(final)  # the final weights as they are: no BatchNorm recompute
-        fin = _evaluate(self.learn, self.valid)
-        get_model(self.model).load_state_dict(state)
-        self.results = dict(final=fin, average=_evaluate(self.learn, self.valid))
-        self._show()
-    if self.end_with != 'better':
-        self.holds = self.end_with
-        self.reason = f"end_with={self.end_with!r}"
-        if self.end_with == 'final': self.reason += ", the average is saved, not loaded" if self.target else ", the average is neither loaded nor saved (save_as=None)"
-        return
-    f, a = self.results['final'][self.monitor], self.results['average'][self.monitor]
-    avg_wins = a <= f if self.lower else a >= f
-    self.holds = 'average' if avg_wins else 'final'
-    self.reason = (f"its {self.monitor} on dls.valid, {(a if avg_wins else f):.4g}, is {'no worse than' if a == f else 'better than'} "
-                   f"the {'final' if avg_wins else 'average'} weights' {(f if avg_wins else a):.4g} ({self.direction}; end_with='better')")
-
-@patch
-def _show(self:AverageCheckpointsCallback):
-    import pandas as pd
-    label = f"average of {len(self.soup.chosen)} (soup)" if self.soup else "average"
-    final = 'final weights' + (f" ({self.final_label})" if getattr(self, 'final_is', '') else '')
-    self.table = pd.DataFrame([self.results['final'], self.results['average']], index=[final, label])
-    if not self.report or self._quiet or self.learn.logger is noop: return
-    if IN_NOTEBOOK:
-        from IPython.display import display
-        display(self.table)
-    else: self._say(self.table.to_string(float_format=lambda v: f'{v:.4f}'))
-
-@patch
-def _save(self:AverageCheckpointsCallback, manifest, entries, state, weights):
-    if self.target is None: return
-    meta = atomic_write(self.target, lambda f: save_no_crc(state, f), overwrite=self.overwrite)  # as every file we write: the manifest's hash replaces the CRC32
-    manifest.record_average(self.target.name, [e['file'] for e in entries], meta, fit=self.fit_id,  # the file is removed if this fails
-        weights=None if self.soup else weights, strategy=self.strategy, recompute_bn=self.recompute_bn,
-        report=self.results, end_with=self.end_with, holds=self.holds)
-    self.saved_path = self.target
-
-# %% ../nbs/03_average.ipynb #56cfad70
-@patch
-def _validate_pool(self:AverageCheckpointsCallback, metric:str)->list:
-    "`metric` of every checkpoint of the pool, each loaded and validated on `dls.valid` now; the model gets its weights back after"
-    learn = self.learn or self._fitted  # callbacks passed to `fit` are detached from the Learner when it ends
-    names = ['valid_loss'] + list(L(learn.metrics).attrgot('name'))
-    if metric not in names: raise ValueError(f"plot(validate=True) validates {', '.join(map(repr, names))}, not {metric!r}; pass one of those")
-    model = get_model(learn.model)
-    keep, ys = {k: v.detach().clone() for k, v in model.state_dict().items()}, []
-    try:
-        for e in self.pool:
-            model.load_state_dict(average_checkpoints([Path(self.folder)/e['file']]))
-            ys.append(float(learn.validate()[names.index(metric)]))
-    finally: model.load_state_dict(keep)
-    return ys
-
-@patch
-def plot(self:AverageCheckpointsCallback,
-    ax=None,                 # matplotlib axes to draw on; None: a new figure
-    metric:str='valid_loss', # the recorded value to plot
-    validate:bool=False,     # validate every checkpoint on `dls.valid` now (one pass each), e.g. for saves made mid-epoch
-):
-    "`metric` of every checkpoint of the fit against the average and the final weights; the train loss where saves have no `metric`"
-    import matplotlib.pyplot as plt
-    if not self.pool: raise ValueError("nothing to plot: call plot() after a fit in which AverageLast averaged checkpoints")
-    if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
-    if validate: ys, label = self._validate_pool(metric), f'checkpoints ({metric}, validated now)'
-    else: ys, label = [(e.get('metrics') or {}).get(metric) for e in self.pool], f'checkpoints ({metric} when saved)'
-    ylabel = metric
-    if all(y is None for y in ys):  # saves in the middle of epochs record no validation: the smoothed train loss at each save
-        ys, ylabel = [e.get('train_loss') for e in self.pool], 'train loss (smoothed)'
-        label = f"checkpoints (train loss when saved; no {metric} mid-epoch: plot(validate=True) validates them)"
-    used = {e['file'] for e in self.entries}
-    pts = [(e['epoch'], y, e['file'] in used) for e, y in zip(self.pool, ys) if y is not None]
-    if pts: ax.plot([p[0] for p in pts], [p[1] for p in pts], '.-', color='C0', label=label)
-    avg = [p for p in pts if p[2]]
-    if avg: ax.plot([p[0] for p in avg], [p[1] for p in avg], 'o', mfc='none', ms=9, color='C2', label='averaged')
-    if self.results and metric in self.results['final'] and ylabel == metric:
-        ax.axhline(self.results['final'][metric], color='C3', ls='--', label=f"final weights {self.results['final'][metric]:.4f}")
-        ax.axhline(self.results['average'][metric], color='C2', label=f"average {self.results['average'][metric]:.4f}")
-    ax.set_xlabel('epoch'); ax.set_ylabel(ylabel); ax.legend(fontsize=8)
-    return ax
+    def _say(self, msg):
+        "Show `msg` through the Learner's logger; through `print` when an interrupted fit left a dead callback's logger in its place"
+        if getattr(self, '_quiet', False): return
+        out = self.learn.logger
+        if out is noop: return
+        if isinstance(getattr(out, '__self__', None), Callback): out = print  # e.g. ProgressCallback's, after a KeyboardInterrupt
+        out(msg)
 
 # %% ../nbs/03_average.ipynb #e68f4742
 AverageLast = AverageCheckpointsCallback

@@ -29,10 +29,8 @@ def rank0_decides(flag:bool)->bool:
     return bool(t.item())
 
 # %% ../nbs/12_distributed.ipynb #29cf1de3
-_SHARED = ('entries', 'files', 'saved_path', 'results', 'table', 'holds', 'reason')  # what AverageLast records about its average
-
 def share_average(after_fit):
-    "Decorate `AverageLast.after_fit`: run it on rank 0 only, then give every rank its outcome and model weights"
+    "Decorate a callback's `after_fit` (`AverageLast`'s): run it on rank 0 only, then give every rank its outcome (the attributes its class lists in `_shared`) and model weights"
     @functools.wraps(after_fit)
     def _inner(self):
         if not is_distributed(): return after_fit(self)
@@ -41,7 +39,7 @@ def share_average(after_fit):
             try: after_fit(self)
             except BaseException as e: err = e
         # the other ranks wait here until rank 0 has averaged, saved and loaded
-        msg = [None if err is None else f'{type(err).__name__}: {err}', {a: getattr(self, a, None) for a in _SHARED}]
+        msg = [None if err is None else f'{type(err).__name__}: {err}', {a: getattr(self, a, None) for a in self._shared}]
         dist.broadcast_object_list(msg, src=0, device=_device())
         if err is not None: raise err
         if msg[0] is not None: raise RuntimeError(f"{type(self).__name__} failed on rank 0 ({msg[0]}); see rank 0's error")

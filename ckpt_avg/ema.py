@@ -92,7 +92,7 @@ def before_fit(self:EMACallback):
         self.load(self.folder/sidecar_name(self._to_resume)); self._to_resume = None
     self._bind()
     self._savers = [cb for cb in self.learn.cbs if isinstance(cb, SaveEveryNCallback) and getattr(cb, 'run', True)]
-    self._seen = [cb._entry for cb in self._savers]  # each saver's latest save (None: none yet in this fit)
+    self._seen = [cb.last_save for cb in self._savers]  # each saver's latest save (None: none yet in this fit)
     if any(s.with_opt for s in self._savers) and sum(isinstance(cb, EMACallback) for cb in self.learn.cbs) > 1:
         raise ValueError("two EMA callbacks in a fit with a SaveEvery(with_opt=True) would write the same sidecar at each save; "
                          "keep one EMA in that fit, or pass with_opt=False to the SaveEvery")
@@ -209,7 +209,7 @@ def _write(self:EMACallback, path:Path, obj)->dict:
 def _write_sidecars(self:EMACallback):
     "After each new save of a `SaveEvery(with_opt=True)` in this fit, write the EMA state next to it"
     for i, s in enumerate(self._savers):
-        entry = s._entry
+        entry = s.last_save
         if entry is None or entry is self._seen[i]: continue
         self._seen[i] = entry
         if entry.get('with_opt') and rank_distrib() == 0:
@@ -235,8 +235,8 @@ def _save_final(self:EMACallback):
     meta = self._write(self.folder/name, w)
     for s in self._savers:
         if s.folder.resolve() != self.folder.resolve(): continue
-        s.manifest.record_average(name, [], meta, fit=s.fit_id if s.saved else None, strategy='ema', decay=self.decay,
-                                  every=self.every, warmup_power=self.warmup_power, buffers=self.buffers, n_updates=self.n_updates)
+        s.manifest.record_average(name, [], meta, fit=s.fit_id if s.saved else None, strategy='ema', details=dict(decay=self.decay,
+                                  every=self.every, warmup_power=self.warmup_power, buffers=self.buffers, n_updates=self.n_updates))
     self.saved_path = self.folder/name
 
 # %% ../nbs/14_ema.ipynb #ema0016

@@ -159,29 +159,57 @@ def _record(self:Manifest, key:str, entry:dict, then=None):
         raise
 
 @patch
+def new_checkpoint(self:Manifest,
+    fit:int,               # the fit it belongs to (as `start_fit` returned it)
+    n:int,                 # its number in the fit, from 1: the file is `{fname}_f{fit:03d}_s{n:04d}.pth`
+    *,
+    epoch:float,           # epoch progress: 3.0 after the third epoch, 2.5 half way through the third
+    iter:int,              # training batches since the start of the fit
+    seconds:float,         # wall time since the start of the fit
+    train_loss:float=None, # the smoothed training loss when it was saved
+    metrics:dict=None,     # validation loss and metrics of exactly these weights (an epoch's end); None: none known
+    with_opt:bool=False,   # the file holds the optimizer state too
+    trigger:str=None,      # what made the save: 'epochs', 'minutes', 'batches' or 'steps'
+)->dict:
+    "The entry of a checkpoint about to be written, in this manifest's schema; `add_checkpoint` records it once the file is whole"
+    return dict(file=checkpoint_name(self.fname, fit, n), fit=fit, epoch=float(epoch), iter=iter, seconds=round(seconds, 3),
+                train_loss=train_loss, metrics=dict(metrics or {}), with_opt=bool(with_opt), trigger=trigger)
+
+@patch
 def add_checkpoint(self:Manifest,
-    entry:dict,    # the checkpoint's entry; its `file` was just written
-    keep:int=None, # also rotate, in the same write: mark all but the newest `keep` removed (see `rotate`); None: no rotation
-    fit:int=None,  # with `keep`: rotate among the saves of this fit only; None: among the saves of every fit
+    entry:dict,     # the checkpoint's entry (`new_checkpoint`); its `file` was just written
+    meta:dict=None, # the file's `bytes` and `hash`, as `atomic_write` returns them; None: `entry` has them
+    *,
+    keep:int=None,  # also rotate, in the same write: mark all but the newest `keep` removed (see `rotate`); None: no rotation
+    fit:int=None,   # with `keep`: rotate among the saves of this fit only; None: among the saves of every fit
 )->list:
-    "Record a checkpoint (and rotate, in one write, so a kill never leaves more than `keep` live); return the entries rotation removed"
+    "Record a checkpoint and rotate, in one write; `entry` gets `meta` and `saved_at` once recorded. Returns the entries rotation removed"
     if keep is not None: _check_keep(keep)
-    old = self._record('checkpoints', entry, None if keep is None else partial(self._rotation, keep=keep, fit=fit))
+    rec = {**entry, **(meta or {}), 'saved_at': _now()}
+    old = self._record('checkpoints', rec, None if keep is None else partial(self._rotation, keep=keep, fit=fit))
+    entry.update(rec)  # only now: if the record fails, the file is gone and `entry` is as it was
     self._delete(old)
     return old
 
 @patch
 def record_average(self:Manifest,
-    file:str,          # the average's file name, in this folder (just written, e.g. by `atomic_write`)
-    inputs:list,       # names of the files averaged, oldest first
-    meta:dict,         # its `bytes` and `hash`, as `atomic_write` returns them
-    fit:int=None,      # the fit it averages; None: chosen outside a fit (the command line)
-    weights=None,      # one weight per input; None: equal weights
-    **details,         # how it was made: `strategy`, `recompute_bn`, `report`, `end_with`, `holds`
+    file:str,               # the average's file name, in this folder (just written, e.g. by `atomic_write`)
+    inputs:list,            # names of the files averaged, oldest first
+    meta:dict,              # its `bytes` and `hash`, as `atomic_write` returns them
+    fit:int=None,           # the fit it averages; None: chosen outside a fit (the command line)
+    weights=None,           # one weight per input, as given; None: equal weights
+    *,
+    strategy:str=None,      # how `AverageLast` chose the inputs; None: they were given (the command line)
+    recompute_bn=False,     # BatchNorm statistics recomputed on training data: False, True or a number of batches
+    report:dict=None,       # final and average weights validated: {'final': {...}, 'average': {...}}; None: not validated
+    end_with:str=None,      # what `AverageLast` was asked to end with; None: outside a fit
+    holds:str=None,         # what the model ended with, 'average' or 'final'; None: outside a fit
+    details:dict=None,      # what else a strategy needs said (an EMA: its decay, every, warm-up, buffers, updates); None: nothing
 ):
-    "Record an average; if the manifest cannot be written the file is deleted and the error raised"
+    "Record an average, in the one shape every average has; if the manifest cannot be written the file is deleted and the error raised"
     self._record('averages', dict(file=file, fit=fit, inputs=[str(i) for i in inputs], weights=weights,
-                                  bytes=meta['bytes'], hash=meta['hash'], **details, saved_at=_now()))
+                                  bytes=meta['bytes'], hash=meta['hash'], strategy=strategy, recompute_bn=recompute_bn,
+                                  report=report, end_with=end_with, holds=holds, details=details, saved_at=_now()))
 
 @patch
 def set_metrics(self:Manifest, file:str, metrics:dict):
@@ -250,7 +278,7 @@ def verify(self:Manifest,
 )->list:
     "The `entries` whose files exist with the recorded size and hash; a file that fails raises `IntegrityError` (or is skipped)"
     entries = self.live() if entries is None else entries
-    averages = {a.get('file') for a in self.data['averages']}
+    averages = {a.get('file') for a in self.averages}
     good = []
     for e in entries:
         if e.get('file') in averages:
@@ -270,7 +298,7 @@ def _recorded_averages(folder:Path)->dict:
     for p in folder.glob('*_manifest.json'):
         try: m = Manifest(folder, p.name[:-len('_manifest.json')])
         except ManifestError: continue  # a damaged manifest is reported where it is used, not here
-        res.update({a['file']: a for a in m.data['averages']})
+        res.update({a['file']: a for a in m.averages})
     return res
 
 def check_no_double_count(files):

@@ -4,16 +4,16 @@
 
 # %% ../nbs/02_save.ipynb #9c9c4672
 from __future__ import annotations
-import time, warnings, threading
+import re, time, warnings, threading
 from functools import partial
 from pathlib import Path
-from fastcore.basics import store_attr, patch
+from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.callback.tracker import TrackerCallback
 from fastai.torch_core import rank_distrib, get_model
 from .files import atomic_write, clean_stale_temps
-from .manifest import Manifest, checkpoint_name, _now
+from .manifest import Manifest
 from .writer import Snapshot, BackgroundWriter, save_no_crc
 from .distrib import rank0_decides
 
@@ -21,11 +21,6 @@ from .distrib import rank0_decides
 __all__ = ['SaveEvery', 'training_fit', 'TrainingFitCallback', 'SaveEveryNCallback']
 
 # %% ../nbs/02_save.ipynb #6633fa9e
-def _positive(name, v, typ, none='to turn this trigger off'):
-    if v is None: return
-    if isinstance(v, bool) or not isinstance(v, typ) or v <= 0:
-        raise ValueError(f"{name}={v!r}: pass a positive {'number' if typ != int else 'int'}, or None {none}")
-
 def training_fit(learn)->bool:
     "Is `learn` in a training fit? Not `lr_find` (an `LRFinder`), `get_preds`/`predict` (a `GatherPredsCallback`), nor `validate` (which holds `learn.lock`)"
     lock = getattr(learn, 'lock', None)
@@ -40,20 +35,14 @@ class TrainingFitCallback(Callback):
         if event_name == 'before_fit': self.run = True
         return super().__call__(event_name)
 
-def _metrics(learn)->dict:
-    "Validation loss and metrics of the epoch that just ended, by name"
-    rec = getattr(learn, 'recorder', None)
-    if rec is None or not getattr(learn, 'final_record', None): return {}
-    res = {}
-    for n, v in zip(rec.metric_names[2:], learn.final_record[1:]):
-        try: res[n] = float(v)
-        except (TypeError, ValueError): pass
-    return res
-
 # %% ../nbs/02_save.ipynb #fd76635d
+def _positive(name, v, typ, none='to turn this trigger off'):
+    if v is None: return
+    if isinstance(v, bool) or not isinstance(v, typ) or v <= 0:
+        raise ValueError(f"{name}={v!r}: pass a positive {'number' if typ != int else 'int'}, or None {none}")
+
 def _start_point(start_at):
     "`start_at` as (unit, value): ('epoch', n), ('fraction', f) or ('iter', n); None saves from the start"
-    import re
     if start_at is None: return None
     if isinstance(start_at, str):
         m = re.fullmatch(r'\s*(\d+)\s*(it|iter|iters|iterations)\s*', start_at)
@@ -64,19 +53,45 @@ def _start_point(start_at):
                      "or iterations as a string ('2000it'); None saves from the start")
 
 def _before_start(cb, epochs_done:float)->bool:
-    "Is it too early for saver `cb` to save, `epochs_done` epochs into the fit?"
+    "Is it before `cb`'s `start_at` (parsed by `_start_point` into `cb._start`), `epochs_done` epochs into the fit? (`SaveEvery`, `EMA`)"
     if cb._start is None: return False
     unit, v = cb._start
     if unit == 'iter': return cb.train_iter < v
     return epochs_done + 1e-9 < (v if unit == 'epoch' else v*cb.n_epoch)
 
+def _metrics(learn)->dict:
+    "Validation loss and metrics of the epoch that just ended, by name"
+    rec = getattr(learn, 'recorder', None)
+    if rec is None or not getattr(learn, 'final_record', None): return {}
+    res = {}
+    for n, v in zip(rec.metric_names[2:], learn.final_record[1:]):
+        try: res[n] = float(v)
+        except (TypeError, ValueError): pass
+    return res
 
+def _train_loss(learn):
+    "The smoothed training loss the progress bar shows; None before there is one"
+    try: return float(learn.recorder.smooth_loss.value)
+    except Exception: return None
+
+def _why_no_saves(saver)->str:
+    "Why `saver` saved nothing in the fit that just ended, and what to pass"
+    s, took = saver, time.monotonic() - saver.start
+    why = [f"minutes={s.minutes:g} saves once {s.minutes:g} minutes have passed and this fit took {took/60:.2g} minutes"] if s.minutes else []
+    if s.epochs: why.append(f"epochs={s.epochs} saves after epoch {s.epochs} and this fit ran {s.epoch+1 if s.n_epoch else 0} epoch(s)")
+    if s.batches: why.append(f"batches={s.batches} saves after {s.batches} training batches and this fit ran {s.train_iter}")
+    if s.steps: why.append(f"steps={s.steps} saves after {s.steps} optimizer steps and this fit made {s.n_steps}")
+    if s._start is not None: why.append(f"start_at={s.start_at!r} allows no save before that point")
+    return (f"SaveEvery(fname={s.fname!r}) saved nothing in this fit: {'; '.join(why)}. Pass a trigger that "
+            "fires within the fit, e.g. SaveEvery(epochs=1) (a save after every epoch) or a smaller minutes=")
 
 # %% ../nbs/02_save.ipynb #678395c5
+def _savers(learn, fname): return [cb for cb in learn.cbs if isinstance(cb, SaveEveryNCallback) and cb.fname == fname]
+
 class SaveEveryNCallback(TrainingFitCallback):
     "Save the model every `epochs` epochs, `minutes` minutes, `batches` training batches or `steps` optimizer steps, recorded in a manifest"
     order = TrackerCallback.order+1  # after the Recorder, so the epoch's losses and metrics are known
-    _stateattrs = ('_writer', '_snapshot', '_lock', '_state')  # a thread, buffers, a lock: never pickled by `learn.export`
+    _stateattrs = ('_writer', '_snapshot', '_lock', '_writing')  # a thread, buffers, a lock: never pickled by `learn.export`
     def __init__(self,
         epochs:int=None,     # save after epochs N, 2N, 3N, ... (1-based)
         minutes:float=None,  # save when this much wall time has passed since the last save, checked after every batch
@@ -84,6 +99,7 @@ class SaveEveryNCallback(TrainingFitCallback):
         fname:str='ckpt',    # file name stem, under `learn.path/learn.model_dir`
         with_opt:bool=False, # also save the optimizer state
         keep:int=None,       # keep only the newest `keep` checkpoint files of `fname` on disk
+        *,
         overwrite:bool=False,# start the manifest afresh at fit 1, replacing files of earlier fits
         stop_on_error:bool=False, # a failed save stops training (default: warn and train on)
         start_at=None,       # no saves before this point: an int epoch (15), a fraction of the fit (0.75) or '2000it'
@@ -93,9 +109,10 @@ class SaveEveryNCallback(TrainingFitCallback):
     ):
         if epochs is None and minutes is None and batches is None and steps is None:
             raise ValueError("SaveEvery needs a trigger: pass epochs=, minutes=, batches= or steps= (e.g. SaveEvery(epochs=1))")
-        _positive('epochs', epochs, int); _positive('batches', batches, int); _positive('minutes', minutes, (int, float))
-        _positive('steps', steps, int)
-        _positive('keep', keep, int, 'to keep every checkpoint'); self._start = _start_point(start_at)
+        for name, v, typ in (('epochs', epochs, int), ('batches', batches, int), ('minutes', minutes, (int, float)), ('steps', steps, int)):
+            _positive(name, v, typ)
+        _positive('keep', keep, int, 'to keep every checkpoint')
+        self._start = _start_point(start_at)
         if not isinstance(fname, str) or not fname or Path(fname).name != fname:
             raise ValueError(f"fname={fname!r}: pass a plain file name stem such as 'ckpt' (files go to learn.path/learn.model_dir)")
         if background not in (True, False):
@@ -108,154 +125,115 @@ class SaveEveryNCallback(TrainingFitCallback):
     @property
     def folder(self)->Path: return Path(self.learn.path)/self.learn.model_dir
 
-# %% ../nbs/02_save.ipynb #69e6a367
-def _savers(learn, fname): return [cb for cb in learn.cbs if isinstance(cb, SaveEveryNCallback) and cb.fname == fname]
+    def before_fit(self):
+        self.run = training_fit(self.learn)  # lr_find, validate, get_preds, predict: no file, no manifest change
+        if not self.run: return
+        if len(_savers(self.learn, self.fname)) > 1:
+            raise ValueError(f"two SaveEvery callbacks with fname={self.fname!r} in one fit would write one manifest; give each its own fname")
+        self._new_writer()
+        self.manifest = Manifest(self.folder, self.fname)
+        self.fit_id = 1 if self.overwrite else self.manifest.next_fit()  # provisional: the first save records the fit
+        self.saved, self.n_steps, self._stepped, self._fit_recorded = L(), 0, False, False
+        self.start = self.last_time = time.monotonic()
+        self.last_iter = self.last_save = None
 
-@patch
-def before_fit(self:SaveEveryNCallback):
-    self.run = training_fit(self.learn)  # lr_find, validate, get_preds, predict: no file, no manifest change
-    if not self.run: return
-    self.n_steps, self._stepped = 0, False
-    if len(_savers(self.learn, self.fname)) > 1:
-        raise ValueError(f"two SaveEvery callbacks with fname={self.fname!r} in one fit would write one manifest; give each its own fname")
-    self.manifest = Manifest(self.folder, self.fname)
-    self.fit_id = self.manifest.next_fit() if not self.overwrite else 1  # provisional: the first save records the fit (`_start_fit`)
-    self._started = False
-    self.saved, self.start = L(), time.monotonic()
-    self.last_time, self.last_iter = self.start, None
-    self._start_writer()
+    def before_batch(self): self._stepped = False
+    def after_step(self):
+        if self._stepped is False: self._stepped = True  # a batch that `GradientAccumulation` cancels never gets here
+    def after_cancel_step(self): self._stepped = None    # e.g. MixedPrecision skipped a step on an overflow
 
-@patch
-def before_batch(self:SaveEveryNCallback): self._stepped = False
+    def after_batch(self):
+        if not self.training: return
+        if self._stepped: self.n_steps += 1
+        if _before_start(self, self.epoch + (self.iter+1)/self.n_iter): return
+        if self.batches and self.train_iter % self.batches == 0: self._save('batches')
+        elif self.steps and self._stepped and self.n_steps % self.steps == 0: self._save('steps')
+        elif self.minutes and rank0_decides(time.monotonic() - self.last_time >= self.minutes*60): self._save('minutes')
 
-@patch
-def after_cancel_step(self:SaveEveryNCallback): self._stepped = None  # e.g. MixedPrecision skipped a step on an overflow
+    def after_epoch(self):
+        if _before_start(self, self.epoch+1): return
+        if self.last_iter == self.train_iter: self._add_metrics()  # the save at the epoch's last batch is the epoch's save
+        elif self.epochs and (self.epoch+1) % self.epochs == 0: self._save('epochs')
 
-@patch
-def after_step(self:SaveEveryNCallback):
-    if self._stepped is False: self._stepped = True  # a batch that `GradientAccumulation` cancels never gets here
+    def after_fit(self):
+        "Wait for the last save; then `saved` holds this fit's manifest entries, `paths` their files, `no_saves` why there are none"
+        try: self._writer.wait()
+        except OSError as e: self._failed(e)
+        finally:
+            self._snapshot.release()
+            self.paths = L(self.manifest.file(e) for e in self.saved)
+        self.no_saves = None if self.saved else _why_no_saves(self)
+        if self.no_saves and not any(getattr(cb, 'reads_saves_of', None) == self.fname for cb in self.learn.cbs):
+            warnings.warn(self.no_saves)  # an `AverageLast` of this fname says it itself, with what it does instead
 
-@patch
-def after_batch(self:SaveEveryNCallback):
-    if not self.training: return
-    if self._stepped: self.n_steps += 1
-    if _before_start(self, self.epoch + (self.iter+1)/self.n_iter): return
-    if self.batches and self.train_iter % self.batches == 0: self._save('batches')
-    elif self.steps and self._stepped and self.n_steps % self.steps == 0: self._save('steps')
-    elif self.minutes and rank0_decides(time.monotonic() - self.last_time >= self.minutes*60): self._save('minutes')
+    def _save(self, trigger:str):
+        "Finish the save in flight (its error shows here), then take this one; only rank 0 writes"
+        self.last_iter = self.train_iter
+        if rank_distrib() == 0:
+            for step in (self._writer.wait, partial(self._take, trigger)):
+                try: step()
+                except OSError as e: self._failed(e)
+        self.last_time = time.monotonic()
 
-@patch
-def after_epoch(self:SaveEveryNCallback):
-    if _before_start(self, self.epoch+1): return
-    if self.last_iter == self.train_iter: self._add_metrics()
-    elif self.epochs and (self.epoch+1) % self.epochs == 0: self._save('epochs')
+    def _take(self, trigger:str):
+        "On the training thread: this save's manifest entry and the state, committed now or, from a copy, on the writer thread"
+        if not self._fit_recorded: self._record_fit()
+        opt = getattr(self.learn, 'opt', None)
+        at_end, with_opt = trigger == 'epochs', bool(self.with_opt and opt is not None)
+        entry = self.last_save = self.manifest.new_checkpoint(self.fit_id, len(self.saved)+1, trigger=trigger, with_opt=with_opt,
+            epoch=self.epoch+1 if at_end else self.epoch + (self.iter+1)/self.n_iter, iter=self.train_iter,
+            seconds=time.monotonic()-self.start, train_loss=_train_loss(self.learn), metrics=_metrics(self.learn) if at_end else None)
+        state = get_model(self.model).state_dict()  # what fastai's save_model writes
+        if with_opt: state = {'model': state, 'opt': opt.state_dict()}
+        if self.in_background: self._writer.submit(partial(self._commit, entry, self._snapshot.take(state)))
+        else: self._commit(entry, state)
 
-# %% ../nbs/02_save.ipynb #c210a4d1
-@patch
-def _start_writer(self:SaveEveryNCallback):
-    old = getattr(self, '_writer', None)
-    if old is not None:  # a fit that ended in an exception skipped after_fit: let its last save finish first
-        try: old.wait()
-        except OSError as e: warnings.warn(f"SaveEvery: the last save of the previous fit failed ({e})")
-    self.in_background = bool(self.background)
-    self._writer, self._snapshot, self._lock = BackgroundWriter(), Snapshot(), threading.Lock()
-    self._state = self._entry = None
+    def _commit(self, entry:dict, state):
+        "Write `state` to `entry`'s file (never over an existing one), then record it and rotate, in one manifest write"
+        self._snapshot.ready()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.saved: clean_stale_temps(self.folder, self.fname)
+        self._writing = state  # for `_write_model`, the one step a subclass may wrap (the tests make a disk fill up there)
+        try: meta = atomic_write(self.folder/entry['file'], self._write_model, overwrite=self.overwrite)
+        finally: self._writing = None
+        with self._lock:  # `_add_metrics`, on the training thread, comes wholly before or after this
+            self.manifest.add_checkpoint(entry, meta, keep=self.keep, fit=self.fit_id if self.keep_scope == 'fit' else None)
+            self.saved.append(entry)
 
-@patch
-def _failed(self:SaveEveryNCallback, e):
-    if self.stop_on_error: raise e
-    warnings.warn(f"SaveEvery could not save a checkpoint to {self.folder} ({e}); earlier checkpoints and the manifest "
-                  "are intact and training goes on. Free disk space or fix the folder's permissions, or pass "
-                  "stop_on_error=True to stop training when a save fails")
+    def _write_model(self, f):
+        "Write the state being committed to the open file `f` as fastai's `save_model` would, without torch's CRC32"
+        save_no_crc(self._writing, f, pickle_protocol=2)
 
-@patch
-def _save(self:SaveEveryNCallback, trigger:str):
-    self.last_iter = self.train_iter  # after_epoch reads it: a save at an epoch's last batch is that epoch's save
-    if rank_distrib() == 0:
-        for step in (self._writer.wait, partial(self._write, trigger)):  # the save in flight (its error shows here), then this one
-            try: step()
-            except OSError as e: self._failed(e)
-    self.last_time = time.monotonic()
+    def _add_metrics(self):
+        "Give the save made at the epoch's last batch (the same weights) the epoch's validation metrics"
+        entry = self.last_save
+        if rank_distrib() != 0 or entry is None: return
+        with self._lock:
+            entry['metrics'] = _metrics(self.learn)
+            if not (self.saved and self.saved[-1] is entry): return  # in flight: recorded with its metrics; or failed
+            try: self.manifest.set_metrics(entry['file'], entry['metrics'])
+            except OSError as e: warnings.warn(f"SaveEvery could not record validation metrics in {self.manifest.path} ({e})")
 
-@patch
-def _write(self:SaveEveryNCallback, trigger:str):
-    "Take the state and its record on the training thread; write it now, or on the writer thread"
-    opt = getattr(self.learn, 'opt', None)
-    at_end = trigger == 'epochs'
-    if not self._started: self._start_fit()
-    self._entry = entry = dict(file=checkpoint_name(self.fname, self.fit_id, len(self.saved)+1), fit=self.fit_id,
-        epoch=float(self.epoch+1) if at_end else self.epoch + (self.iter+1)/self.n_iter, iter=self.train_iter,
-        seconds=round(time.monotonic()-self.start, 3), train_loss=self._train_loss(),
-        metrics=_metrics(self.learn) if at_end else {}, with_opt=bool(self.with_opt and opt is not None), trigger=trigger)
-    state = get_model(self.model).state_dict()  # what fastai's save_model writes
-    if entry['with_opt']: state = {'model': state, 'opt': opt.state_dict()}
-    if not self.in_background: self._state = state; return self._commit(entry)
-    self._state = self._snapshot.take(state)
-    self._writer.submit(partial(self._commit, entry))
+    def _record_fit(self):
+        "Record the fit, under the manifest's lock, with an id no other process has (the provisional one, if still free)"
+        triggers = {k: v for k in ('epochs', 'minutes', 'batches', 'steps') if (v := getattr(self, k)) is not None}
+        self.fit_id = self.manifest.start_fit(prefer=self.fit_id, fresh=self.overwrite, n_epoch=self.n_epoch, triggers=triggers)
+        self._fit_recorded = True
 
-@patch
-def _start_fit(self:SaveEveryNCallback):
-    "Record the fit, under the manifest's lock, with an id no other process has (the provisional one, if still free)"
-    triggers = {k:v for k in ('epochs','minutes','batches','steps') if (v:=getattr(self, k)) is not None}
-    self.fit_id = self.manifest.start_fit(prefer=self.fit_id, fresh=self.overwrite, n_epoch=self.n_epoch, triggers=triggers)
-    self._started = True
+    def _new_writer(self):
+        "A writer thread, snapshot buffers and a lock for this fit, once the last save of a fit that skipped `after_fit` is written"
+        if getattr(self, '_writer', None) is not None:
+            try: self._writer.wait()
+            except OSError as e: warnings.warn(f"SaveEvery: the last save of the previous fit failed ({e})")
+        self.in_background = self.background
+        self._writer, self._snapshot, self._lock, self._writing = BackgroundWriter(), Snapshot(), threading.Lock(), None
 
-@patch
-def _commit(self:SaveEveryNCallback, entry):
-    "Write the state to its file (never over an existing one), then record it; if it cannot be recorded the file is removed again"
-    self._snapshot.ready()
-    self.folder.mkdir(parents=True, exist_ok=True)
-    if not self.saved: clean_stale_temps(self.folder, self.fname)
-    entry.update(atomic_write(self.folder/entry['file'], self._write_model, overwrite=self.overwrite), saved_at=_now())
-    keep_fit = self.fit_id if self.keep_scope == 'fit' else None
-    with self._lock:  # recorded and rotated in one write, under the manifest's lock; the file goes if that fails
-        self.manifest.add_checkpoint(entry, keep=self.keep, fit=keep_fit)
-        self.saved.append(entry)
+    def _failed(self, e):
+        if self.stop_on_error: raise e
+        warnings.warn(f"SaveEvery could not save a checkpoint to {self.folder} ({e}); earlier checkpoints and the manifest "
+                      "are intact and training goes on. Free disk space or fix the folder's permissions, or pass "
+                      "stop_on_error=True to stop training when a save fails")
 
-@patch
-def _write_model(self:SaveEveryNCallback, f):
-    "Write the state taken by `_write` to the open file `f` as fastai's `save_model` would, without torch's CRC32"
-    save_no_crc(self._state, f, pickle_protocol=2)
-
-@patch
-def _train_loss(self:SaveEveryNCallback):
-    rec = getattr(self.learn, 'recorder', None)
-    try: return float(rec.smooth_loss.value)
-    except Exception: return None
-
-@patch
-def _add_metrics(self:SaveEveryNCallback):
-    "Attach the epoch's validation metrics to the save made at its last batch (the same weights)"
-    if rank_distrib() != 0 or self._entry is None: return
-    with self._lock:
-        self._entry['metrics'] = _metrics(self.learn)
-        if not (self.saved and self.saved[-1] is self._entry): return  # in flight: recorded with its metrics; or failed
-        try: self.manifest.set_metrics(self._entry['file'], self._entry['metrics'])
-        except OSError as e: warnings.warn(f"SaveEvery could not record validation metrics in {self.manifest.path} ({e})")
-
-@patch
-def after_fit(self:SaveEveryNCallback):
-    "Wait for the last save to be written; then `self.saved` holds this fit's manifest entries, `self.paths` the files"
-    try: self._writer.wait()
-    except OSError as e: self._failed(e)
-    finally:
-        self._snapshot.release(); self._state = None
-        self.paths = L(self.manifest.file(e) for e in self.saved)
-    self.no_saves = None if self.saved else self._why_no_saves()
-    if self.no_saves and not any(getattr(cb, 'reads_saves_of', None) == self.fname for cb in self.learn.cbs):
-        warnings.warn(self.no_saves)  # an `AverageLast` of this fname says it itself, with what it does instead
-
-@patch
-def _why_no_saves(self:SaveEveryNCallback)->str:
-    "Why this fit made no save, and what to pass"
-    took = time.monotonic() - self.start
-    why = [f"minutes={self.minutes:g} saves once {self.minutes:g} minutes have passed and this fit took {took/60:.2g} minutes"] if self.minutes else []
-    if self.epochs: why.append(f"epochs={self.epochs} saves after epoch {self.epochs} and this fit ran {self.epoch+1 if self.n_epoch else 0} epoch(s)")
-    if self.batches: why.append(f"batches={self.batches} saves after {self.batches} training batches and this fit ran {self.train_iter}")
-    if self.steps: why.append(f"steps={self.steps} saves after {self.steps} optimizer steps and this fit made {self.n_steps}")
-    if self._start is not None: why.append(f"start_at={self.start_at!r} allows no save before that point")
-    return (f"SaveEvery(fname={self.fname!r}) saved nothing in this fit: {'; '.join(why)}. Pass a trigger that "
-            "fires within the fit, e.g. SaveEvery(epochs=1) (a save after every epoch) or a smaller minutes=")
 
 # %% ../nbs/02_save.ipynb #d48bd23d
 SaveEvery = SaveEveryNCallback

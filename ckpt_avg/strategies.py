@@ -8,7 +8,8 @@ import math
 import torch
 from torch import nn
 from fastcore.basics import AttrDict
-from .core import average_checkpoints, normalised_weights
+from .core import average_checkpoints
+from .plan import normalised_weights
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'lower_is_better', 'check_strategy', 'select_checkpoints', 'greedy_soup', 'recompute_bn']
@@ -80,6 +81,7 @@ def select_checkpoints(
     entries,                 # manifest entries in save order (e.g. `Manifest(folder).live(fit)`)
     strategy:str='last',     # one of `STRATEGIES`
     k:int=5,                 # how many checkpoints to average
+    *,
     monitor:str='valid_loss',# the recorded value that 'metric', 'best' and 'window' rank or weigh by
     weights=None,            # with 'weighted': one weight per checkpoint, oldest first
     decay:float=None,        # with 'ema': weight ratio between a checkpoint and the next newer one

@@ -28,7 +28,7 @@ class Watch(SaveEvery):
         if self.last_iter != self.train_iter: self.save_iters.append(self.train_iter)
         super()._save(trigger)
         if rank_distrib() == 1: self.last_time = float('-inf')  # left alone, rank 1 would save at every batch
-    def _commit(self, entry): self.commits += 1; super()._commit(entry)
+    def _commit(self, entry, state): self.commits += 1; super()._commit(entry, state)
 
 class SlowBatches(Callback):
     def after_batch(self):

@@ -45,8 +45,8 @@ class Capture(Callback):
         self.states, self.iters, self.last = [], [], None
     def _grab(self):
         # a new entry: the saver took the state at this step (written now, or in the background while training goes on)
-        if self.saver._entry is not None and self.saver._entry is not self.last:
-            self.last = self.saver._entry
+        if self.saver.last_save is not None and self.saver.last_save is not self.last:
+            self.last = self.saver.last_save
             self.states.append(state(self.model)); self.iters.append(self.train_iter)
     def after_batch(self): self._grab()
     def after_epoch(self): self._grab()

@@ -67,9 +67,9 @@ def test_minutes_interval_does_not_count_the_time_spent_saving(tmp_path):
     "With a save slower than the interval, the next save still waits a full interval after the previous one ended"
     class SlowSave(SaveEvery):
         def before_fit(self): super().before_fit(); self.starts, self.ends = [], []
-        def _write(self, trigger):
+        def _take(self, trigger):
             self.starts.append(time.monotonic()); time.sleep(0.5)
-            super()._write(trigger); self.ends.append(time.monotonic())
+            super()._take(trigger); self.ends.append(time.monotonic())
     learn = make_learner(tmp_path)
     saver = SlowSave(minutes=0.3/60)
     fit(learn, 1, [SlowBatches(0.05), saver])

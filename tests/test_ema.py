@@ -164,7 +164,7 @@ def test_save_as_loads_and_is_recorded(tmp_path):
     learn.load('ema', with_opt=False)
     assert states_equal(state(learn.model), ema.weights())
     [rec] = Manifest(folder(learn), 'ckpt').averages
-    assert rec['file'] == 'ema.pth' and rec['strategy'] == 'ema' and rec['fit'] == 1 and rec['n_updates'] == 32
+    assert rec['file'] == 'ema.pth' and rec['strategy'] == 'ema' and rec['fit'] == 1 and rec['details']['n_updates'] == 32
     assert rec['inputs'] == [] and rec['bytes'] == (folder(learn)/'ema.pth').stat().st_size
 
 def test_sidecars_follow_with_opt_saves_and_rotation(tmp_path):

@@ -16,10 +16,10 @@ class Recording(SaveEvery):
     "Records, on the training thread, the model state at each save, and the snapshot buffers' addresses"
     def before_fit(self):
         super().before_fit(); self.states, self.ptrs, self.threads = [], [], set()
-    def _write(self, trigger):
+    def _take(self, trigger):
         self.states.append(state(self.model))
-        super()._write(trigger)
-        if self.in_background: self.ptrs.append({k: v.data_ptr() for k, v in self._state.items()})
+        super()._take(trigger)
+        if self.in_background: self.ptrs.append({k: v.data_ptr() for k, v in self._snapshot.buffers.items()})
     def _write_model(self, f):
         self.threads.add(threading.current_thread().name)
         super()._write_model(f)
@@ -28,7 +28,7 @@ class SlowWriter(Recording):
     "Each write waits until training has gone `ahead` batches past its save (the last one: until the fit ends)"
     def __init__(self, *args, ahead=3, **kw): super().__init__(*args, **kw); self.ahead = ahead
     def before_fit(self): super().before_fit(); self.saw_training, self.go = [], threading.Event()
-    def _write(self, trigger): self.go.clear(); super()._write(trigger)
+    def _take(self, trigger): self.go.clear(); super()._take(trigger)
     def after_batch(self):
         super().after_batch()
         if self.training and self.last_iter is not None and self.train_iter >= self.last_iter + self.ahead: self.go.set()
