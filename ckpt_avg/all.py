@@ -6,12 +6,14 @@
 __all__ = []
 
 # %% ../nbs/06_all.ipynb #c66f4aeb
-from . import files, plan, core, manifest, formats, writer, distrib, save, average, strategies, ema, demo
+from . import files, plan, core, manifest, formats, dcp, sharded, writer, distrib, save, average, strategies, ema, demo
 from .plan import *
 from .core import *
 from .files import *
 from .manifest import *
 from .formats import *
+from .dcp import *
+from .sharded import *
 from .writer import *
 from .distrib import *
 from .save import *
@@ -21,5 +23,6 @@ from .ema import *
 from .demo import *
 
 # %% ../nbs/06_all.ipynb #4cea4b73
-__all__ = list(dict.fromkeys(name for module in (files, plan, core, manifest, formats, writer, distrib, save, average, strategies, ema, demo)
+__all__ = list(dict.fromkeys(name for module in (files, plan, core, manifest, formats, dcp, sharded, writer,
+                                                 distrib, save, average, strategies, ema, demo)
                              for name in module.__all__))  # core also answers for the plan's names
