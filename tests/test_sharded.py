@@ -253,6 +253,19 @@ def test_memory_stays_well_under_one_model(tmp_path):
     assert peak - base < 0.5 * model
 
 
+@pytest.mark.skipif(importlib.util.find_spec('numba') is None, reason='numba is not installed')
+def test_dcp_inputs_with_numba_kernel(tmp_path):
+    # DCP checkpoints hold shapes only until a tensor is read: numba's readiness check must read through tensor(key)
+    states = [model_state(i) for i in range(3)]
+    for i, s in enumerate(states): dcp_save(s, tmp_path/f'dcp{i}')
+    folders = [tmp_path/f'dcp{i}' for i in range(3)]
+    plan = plan_average(folders, strip_prefix='model.', kernel='numba')
+    assert plan.kernel == 'numba'
+    assert same(average_checkpoints(plan), mean_of(states))
+    average_to_file(folders, tmp_path/'avg', out_format='dcp', strip_prefix='model.', kernel='numba')
+    assert same(dcp_read(tmp_path/'avg', states[0]), mean_of(states))
+
+
 KILLED = """
 import os, sys, torch
 from ckpt_avg.sharded import write_sharded
