@@ -112,7 +112,7 @@ def _numba_window(weights, k:int, dtype=np.float64):
     return window
 
 def _numba_ready(ckpts, weights, chunk:int)->str|None:
-    "Load numba's kernel for each dtype of `ckpts` it handles, on slices of their own arrays: `None`, or why it failed"
+    "Load numba's kernel for each dtype of `ckpts` it handles, on slices of their own tensors: `None`, or why it failed"
     smallest = {}  # per dtype, its smallest tensor: `tensor(key)` may read it from disk (DCP)
     for key, t in ckpts[0].state.items():
         if t.dtype in _BY_NUMBA and t.numel() and (t.dtype not in smallest or t.numel() < ckpts[0].state[smallest[t.dtype]].numel()):
