@@ -63,7 +63,8 @@ def _inputs(args):
     "What to plan: one folder (its manifest picks the saves), or the files and globs of the command line"
     if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir(): return Path(args.inputs[0])
     if args.fit is not None: args.parser.error("--fit picks saves from a folder's manifest; pass one folder, or leave --fit out")
-    dirs = [i for i in args.inputs if Path(i).is_dir()]
+    from ckpt_avg.sharded import folder_kind
+    dirs = [i for i in args.inputs if Path(i).is_dir() and not folder_kind(i)]
     if dirs: args.parser.error(f"{dirs[0]} is a folder: pass one folder alone (averaged through its manifest), or files")
     return _expand(args.inputs)
 
@@ -80,7 +81,7 @@ def _plan(args):
     if args.last is not None and len(plan) < args.last:
         raise ValueError(f"--last {args.last} asks for more checkpoints than the {len(plan)} available; pass --last {len(plan)} or less")
     if args.output is not None:
-        try: plan.check_output(args.output, overwrite=args.force)
+        try: plan.check_output(args.output, overwrite=args.force, folder=_out_format(args, plan) in ('sharded', 'dcp'))
         except ValueError as e: args.parser.error(str(e))  # an input, or a folder, as -o: a wrong command line
     return plan
 
@@ -98,11 +99,20 @@ def _live_bar()->bool:
     import os
     return sys.stderr.isatty() and 'JPY_PARENT_PID' not in os.environ
 
+def _out_format(args, plan)->str:
+    "--format, or: safetensors for a .safetensors output, a folder for folder inputs ('dcp' for DCP ones), else the newest input's"
+    newest = plan.checkpoints[-1]
+    if args.format: return args.format
+    if args.output is not None and args.output.suffix == '.safetensors': return 'safetensors'
+    if hasattr(newest, 'shards') or newest.format == 'dcp':  # checkpoint folders: a folder, unless -o names a torch file
+        if args.output is not None and args.output.suffix in ('.pth', '.pt', '.bin', '.ckpt'): return 'state_dict'
+        return 'dcp' if newest.format == 'dcp' else 'sharded'
+    return _OUT_FORMAT.get(newest.format, newest.format)
+
 def _average(args)->int:
     if args.output is None and not args.dry_run: args.parser.error("pass -o/--output FILE for the average, or --dry-run to only list the inputs")
     plan, out = _plan(args), args.output
-    newest = plan.checkpoints[-1].format
-    fmt = args.format or ('safetensors' if out is not None and out.suffix == '.safetensors' else _OUT_FORMAT.get(newest, newest))
+    fmt = _out_format(args, plan)
     if args.dry_run:
         print(plan.describe())
         print(f"would average these {len(plan)} checkpoints" + (f" into {out} ({fmt})" if out else ''))
@@ -110,7 +120,7 @@ def _average(args)->int:
     import torch
     from ckpt_avg.core import average_to_file
     if args.threads: torch.set_num_threads(args.threads)
-    meta = average_to_file(plan, out, fmt, overwrite=args.force, progress=not args.quiet and _live_bar())
+    meta = average_to_file(plan, out, fmt, overwrite=args.force, progress=not args.quiet and _live_bar(), max_shard_size=args.max_shard_size)
     _record(plan, out, args.fit, meta)
     if not args.quiet: print(f"averaged {plan.summary()} into {out} ({fmt}, {meta['tensors']} tensors, {_size(meta['bytes'])})")
     return 0
@@ -122,12 +132,16 @@ def _add_average(sub):
     p = sub.add_parser('average', help='average checkpoint files, a glob, or the last K saves of a folder',
         description="Average checkpoints exactly (each element is the float64 mean rounded once to its dtype; integer "
                     "buffers come from the newest input) and write the result atomically.")
-    p.add_argument('inputs', nargs='+', metavar='INPUT', help="checkpoint files in save order, quoted globs, or one folder with a manifest")
+    p.add_argument('inputs', nargs='+', metavar='INPUT', help="checkpoint files in save order, quoted globs, one folder with a manifest, "
+                   "or checkpoint folders (transformers, accelerate, DCP; a Trainer's output_dir: its checkpoint-N by step)")
     p.add_argument('-o', '--output', type=Path, metavar='FILE', help='where to write the average')
     p.add_argument('--last', type=_whole, metavar='K', help='average only the last K inputs (in a folder: the last K saves)')
     p.add_argument('--fit', type=_whole, metavar='ID', help="with a folder: only saves of fit ID (default: any fit)")
     p.add_argument('--fname', default='ckpt', help="with a folder: the SaveEvery fname whose manifest to read (default: %(default)s)")
-    p.add_argument('--format', choices=_FORMATS, help="output format (default: safetensors for a .safetensors output, else the newest input's format)")
+    p.add_argument('--format', choices=_FORMATS + ('sharded', 'dcp'), help="output format; 'sharded': a folder of safetensors shards with an "
+                   "index, 'dcp': a torch.distributed.checkpoint folder (default: safetensors for a .safetensors output, a folder for "
+                   "checkpoint folders, else the newest input's format)")
+    p.add_argument('--max-shard-size', default='5GB', metavar='SIZE', help="with --format sharded: bytes per shard at most (default: %(default)s)")
     p.add_argument('--input-format', choices=_FORMATS, help='read every input as this format instead of detecting it')
     p.add_argument('--strip-prefix', metavar='PREFIX', help="keep only the weights whose keys start with PREFIX, without it (e.g. 'model.' for Lightning)")
     p.add_argument('--weights', metavar='W1,W2,...', help='a weighted average: one weight per input, normalised to sum 1')

@@ -9,6 +9,7 @@ import torch
 from .formats import CheckpointError, read_checkpoint, write_stream
 from .plan import AveragePlan, plan_average, plan_entries, normalised_weights, _mismatch
 from .kernels import _average_tensor, _kernel
+from .sharded import FOLDER_FORMATS, write_average_folder
 
 # %% auto #0
 __all__ = ['load_state', 'average_checkpoints', 'average_to_file', 'CheckpointError', 'normalised_weights', 'AveragePlan',
@@ -69,7 +70,7 @@ def _averages(plan:AveragePlan, kernel:str, *, chunk:int, dst=lambda key: None, 
     buffers = {}  # the float64 scratch, shared by all tensors: fresh buffers per tensor would page-fault every time
     with torch.no_grad():
         for key in _progress(list(states[0]), progress):
-            srcs = [s[key] for s in states]
+            srcs = [c.tensor(key) for c in ckpts]  # a DCP checkpoint reads it now
             if srcs[0].is_floating_point() or srcs[0].is_complex():
                 yield key, _average_tensor(srcs, plan.weights, chunk, out=dst(key), release=release, buffers=buffers, kernel=kernel)
             else: yield key, srcs[-1]
@@ -78,7 +79,7 @@ def _averages(plan:AveragePlan, kernel:str, *, chunk:int, dst=lambda key: None, 
 # %% ../nbs/01_core.ipynb #a6cb693a
 @_by_selection
 def average_checkpoints(
-    files,               # checkpoint files in save order, a folder whose manifest lists them, or an `AveragePlan`
+    files,               # checkpoint files in save order, a folder whose manifest lists them, checkpoint folders, or an `AveragePlan`
     *,
     into:dict=None,      # a state dict to write the average into, in place (e.g. `model.state_dict()`); `None`: a new one
     chunk:int=1<<18,     # elements per float64 scratch chunk
@@ -100,22 +101,25 @@ def average_checkpoints(
 # %% ../nbs/01_core.ipynb #d6c94bde
 @_by_selection
 def average_to_file(
-    files,               # checkpoint files in save order, a folder whose manifest lists them, or an `AveragePlan`
-    output,              # the file to write
-    out_format:str='state_dict', # the output's format (see `FORMATS`)
+    files,               # checkpoint files in save order, a folder whose manifest lists them, checkpoint folders, or an `AveragePlan`
+    output,              # the file to write (a folder for out_format 'sharded' or 'dcp')
+    out_format:str='state_dict', # the output's format (see `FORMATS`), or a folder: 'sharded' (safetensors shards, an index) or 'dcp'
     overwrite:bool=False, # replace an existing `output`
     *,
     chunk:int=1<<18,     # elements per float64 scratch chunk
     progress:bool=False, # show a fastprogress bar over the tensors
     kernel:str='auto',   # as in `average_checkpoints`
+    max_shard_size='5GB', # with out_format='sharded': bytes per shard at most (an int, or '5GB', '500MB')
     **kwargs,
 )->dict: # the output's `bytes` and `hash`, its number of `tensors`, the input `files`
     "Write the exact mean of the weights in `files` to `output`, atomically; return its size, hash and number of tensors"
     plan, kernel = _as_plan(files, kernel, kwargs)
-    plan.check_output(output, overwrite)
+    plan.check_output(output, overwrite, folder=out_format in FOLDER_FORMATS)
     state = plan.checkpoints[0].state
     spec = {key: (t.dtype, tuple(t.shape)) for key, t in state.items()}
     buf = torch.empty(max((t.numel()*t.element_size() for t in state.values()), default=0), dtype=torch.uint8)
     dst = lambda key: buf[:state[key].numel()*state[key].element_size()].view(state[key].dtype).view(state[key].shape)
-    meta = write_stream(spec, _averages(plan, kernel, chunk=chunk, dst=dst, progress=progress), output, out_format, overwrite)
+    items = _averages(plan, kernel, chunk=chunk, dst=dst, progress=progress)
+    if out_format in FOLDER_FORMATS: meta = write_average_folder(plan, spec, items, output, out_format, overwrite, max_shard_size)
+    else: meta = write_stream(spec, items, output, out_format, overwrite)
     return dict(meta, tensors=len(spec), files=plan.files)

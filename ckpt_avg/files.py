@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_files.ipynb #6aad95e5
 from __future__ import annotations
-import contextlib, errno, os, re, secrets, socket, threading, time, warnings
+import contextlib, errno, glob, os, re, secrets, shutil, socket, threading, time, warnings
 from pathlib import Path
 import xxhash
 try: import fcntl
@@ -155,6 +155,33 @@ def clean_stale_temps(folder, prefix:str='')->list:
         m = _temp_re.match(p.name)
         if m and _stale(p, m.group(1), int(m.group(2))): removed.append(p)
     return removed
+
+# %% ../nbs/00_files.ipynb #d4c38e36
+def _stale_folders(output:Path)->list:
+    "Temporary folders of `output` left by writers of this machine whose process is gone"
+    found = []
+    for p in output.parent.glob(f'.{glob.escape(output.name)}.*.tmp'):
+        m = _temp_re.match(p.name)
+        pid = m and int(m.group(2))
+        if m and p.is_dir() and m.group(1) == _machine() and pid != os.getpid() and not _alive(pid): found.append(p)
+    return found
+
+@contextlib.contextmanager
+def _new_folder(output:Path, overwrite:bool):
+    "A temporary folder next to `output`, renamed to `output` when the block ends without error, removed otherwise"
+    if output.exists() and not overwrite: raise FileExistsError(f"{output} already exists; pass --force (overwrite=True) to replace it, or another output folder")
+    if not output.parent.is_dir(): raise FileNotFoundError(f"{output.parent} does not exist; create it, or write the average into an existing folder")
+    for p in _stale_folders(output): shutil.rmtree(p, ignore_errors=True)  # a killed write of this output
+    tmp = temp_name(output)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = temp_name(output) if output.exists() else None
+        if old is not None: os.rename(output, old)  # overwrite: the old folder steps aside, then is removed
+        os.rename(tmp, output)
+        if old is not None: shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True); raise
 
 # %% ../nbs/00_files.ipynb #1fbb77ef
 _held = threading.local()  # lock files this thread holds: a change inside a change does not wait for itself

@@ -47,6 +47,9 @@ class Checkpoint:
         self.file,self.format,self.state,self.has_opt,self.mapping,self.meta = Path(file),format,state,has_opt,mapping,meta or {}
     @property
     def nbytes(self)->int: return sum(t.numel()*t.element_size() for t in self.state.values())
+    def tensor(self, key):
+        "The tensor `key`, as the engine reads it (a DCP checkpoint reads it from disk now)"
+        return self.state[key]
     def release(self, t):
         "Give the memory pages of `t`, a tensor of this file, back to the page cache (only for files we mapped ourselves)"
         if self.mapping is not None and _CAN_RELEASE: self.mapping.advise(t, mmap.MADV_DONTNEED)

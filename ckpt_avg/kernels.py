@@ -112,13 +112,14 @@ def _numba_window(weights, k:int, dtype=np.float64):
     return window
 
 def _numba_ready(ckpts, weights, chunk:int)->str|None:
-    "Load numba's kernel for each dtype of `ckpts` it handles, on slices of their own arrays: `None`, or why it failed"
-    firsts = {}
+    "Load numba's kernel for each dtype of `ckpts` it handles, on slices of their own tensors: `None`, or why it failed"
+    smallest = {}  # per dtype, its smallest tensor: `tensor(key)` may read it from disk (DCP)
     for key, t in ckpts[0].state.items():
-        if t.dtype in _BY_NUMBA and t.numel() and t.dtype not in firsts: firsts[t.dtype] = key
+        if t.dtype in _BY_NUMBA and t.numel() and (t.dtype not in smallest or t.numel() < ckpts[0].state[smallest[t.dtype]].numel()):
+            smallest[t.dtype] = key
     try:
-        for key in firsts.values():
-            xs = tuple(_numba_array(c.state[key])[:1] for c in ckpts)
+        for key in smallest.values():
+            xs = tuple(_numba_array(c.tensor(key))[:1] for c in ckpts)
             _numba_window(weights, len(ckpts))(np.empty_like(xs[0]), (np.empty(chunk), np.empty(chunk)), xs, chunk)
     except Exception as e:
         why = (str(e).strip().splitlines() or [''])[0][:200]

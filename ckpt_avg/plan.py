@@ -10,6 +10,7 @@ from .files import ManifestError, IntegrityError, file_hash
 from .manifest import Manifest, check_no_double_count
 from .formats import CheckpointError, read_checkpoint
 from .kernels import _kernel
+from .sharded import check_same_kind, checkpoint_folders, read_input
 
 # %% auto #0
 __all__ = ['normalised_weights', 'AveragePlan', 'plan_average', 'plan_entries']
@@ -135,12 +136,13 @@ class AveragePlan:
     def check_output(self,
         output,               # the file the average will be written to
         overwrite:bool=False, # whether an existing `output` may be replaced
+        folder:bool=False,    # the output is a folder (`sharded.FOLDER_FORMATS`)
     ):
         "Refuse an `output` that is one of the inputs, a folder, in a missing folder, or existing (unless `overwrite`)"
         output = Path(output)
         if any(output.resolve() == f.resolve() for f in self.files):
             raise ValueError(f"{output} is one of the inputs; write the average to another file")
-        if output.is_dir(): raise ValueError(f"{output} is a folder; pass a file name for the average")
+        if output.is_dir() and not folder: raise ValueError(f"{output} is a folder; pass a file name for the average")
         if not output.parent.is_dir():
             raise FileNotFoundError(f"{output.parent} does not exist; create it, or write the average into an existing folder")
         if output.exists() and not overwrite:
@@ -168,6 +170,7 @@ def _from_files(inputs, k, fit)->list:
         inputs = [inputs]
     files = [Path(f) for f in inputs]
     if not files: raise CheckpointError("no checkpoint files to average; pass at least one")
+    if (folders := checkpoint_folders(files)) is not None: return folders[-k:] if k else folders
     if d := next((f for f in files if f.is_dir()), None):
         raise CheckpointError(f"{d} is a folder: pass one folder alone (averaged through its manifest), or checkpoint files")
     return files[-k:] if k else files
@@ -185,14 +188,15 @@ def _plan(files, weights, skip, *, format, strip_prefix, kernel, manifest=None, 
     pick = lambda xs: None if xs is None else [xs[i] for i in keep]
     skipped, (files, given, entries) = len(files) - len(keep), map(pick, (files, given, entries))
     if not files: return AveragePlan([], manifest=manifest, entries=entries, source=source, skipped=skipped)
-    ckpts = [read_checkpoint(f, format, strip_prefix) for f in files]
+    ckpts = [read_input(f, format, strip_prefix) for f in files]
+    check_same_kind(ckpts)
     _check_compatible([c.state for c in ckpts], files)
     weights = normalised_weights(given)
     return AveragePlan(ckpts, weights, given_weights=given, checked=checked, entries=entries, manifest=manifest, source=source,
                        kernel=_kernel(kernel, ckpts, weights, 1<<18), skipped=skipped)
 
 def plan_average(
-    inputs,                  # checkpoint files in save order, or a folder whose manifest lists them
+    inputs,                  # checkpoint files in save order, a folder whose manifest lists them, or checkpoint folders (see `sharded`)
     k:int=None,              # average the last `k` (of the files, or of the folder's saves); `None`: all
     fname:str='ckpt',        # with a folder: the manifest's `fname`
     fit:int=None,            # with a folder: only saves of this fit (all fits if `None`)
@@ -205,7 +209,9 @@ def plan_average(
 )->AveragePlan:
     "Resolve `inputs` to the checkpoints to average, verified against every manifest that lists them, with their weights"
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1): raise ValueError(f"k={k!r}: pass an int >= 1, or None for all")
-    if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir(): files, m, entries, source = _from_folder(Path(inputs), k, fname, fit)
+    folders = checkpoint_folders(inputs) if isinstance(inputs, (str, os.PathLike)) else None
+    if folders: files, m, entries, source = _from_files(folders, k, fit), None, None, f"checkpoint folders in {inputs}"
+    elif isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir(): files, m, entries, source = _from_folder(Path(inputs), k, fname, fit)
     else: files, m, entries, source = _from_files(inputs, k, fit), None, None, "files as given"
     plan = _plan(files, weights, skip_corrupt, format=format, strip_prefix=strip_prefix, kernel=kernel, manifest=m, entries=entries, source=source)
     if not plan.files: raise IntegrityError(f"every one of the {len(files)} checkpoints failed its size or hash check (see the warnings); nothing is left to average")
