@@ -1,6 +1,6 @@
 """Bad input: every case raises an error that names the problem and the fix, before anything changes on disk or in the model.
 
-`CASES` is also what `nbs/08_safety.ipynb` runs to build its table of messages, so the table shows the real messages.
+`CASES` is also what `nbs/28_safety.ipynb` runs to build its table of messages, so the table shows the real messages.
 Each case is (what is wrong, setup code, the call, a fragment the message must contain). The setup runs first (it
 may damage the folder on purpose); then the folder and the model are snapshotted, the call must raise, and both
 must be unchanged. The code runs in a namespace with: `learn` (a digits Learner whose `models/` holds 4 saves of

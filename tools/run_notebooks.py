@@ -8,7 +8,7 @@ tests/test_course_notebook.py). A notebook whose cell fails is not written. Afte
 outputs (`clear_all = False`) and drops execution counts and metadata.
 
     .venv-test/bin/python tools/run_notebooks.py                    # every notebook in nbs/
-    .venv-test/bin/python tools/run_notebooks.py nbs/02_save.ipynb  # some of them
+    .venv-test/bin/python tools/run_notebooks.py nbs/18_save.ipynb  # some of them
 """
 import argparse, configparser, json, os, re, sys, tempfile, time
 from pathlib import Path
