@@ -21,6 +21,9 @@ from .save import SaveEveryNCallback, TrainingFitCallback, training_fit, _savers
 from .strategies import check_strategy, select_checkpoints, greedy_soup, recompute_bn, _NEEDS_METRIC, _direction
 from .report import validated_names, validate_model, final_and_average, which_weights, what_final_is, fingerprint
 from .report import report_table, show_table, save_spans, validate_checkpoints, plot_checkpoints
+from .rotation import check_keep_covers
+from .interrupt import check_on_interrupt, watch_interrupts, stop_if_interrupted, end_watch, finish_interrupt
+from .loggers import send_report
 from .distrib import share_average, is_distributed
 from .writer import save_no_crc
 
@@ -46,11 +49,10 @@ def _inputs_as_model(dl, model):
     for b in dl:
         yield b if dtype == torch.float32 else [x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in b]
 
-def _check_saver(saver, k:int, strategy:str, monitor:str):
+def _check_saver(saver, k:int, strategy:str, monitor:str, lower:bool):
     "Refuse, before training, a `saver` that would delete checkpoints we need, or never records the metric `strategy` ranks by"
     if saver is None: return
-    if saver.keep is not None and saver.keep < k:
-        raise ValueError(f"keep={saver.keep} would delete checkpoints that AverageLast({k}) needs; pass keep>={k} or keep=None")
+    check_keep_covers(saver, k, strategy, monitor, lower)  # keep= (and keep_best=) leave what this average needs
     if strategy not in _NEEDS_METRIC or saver.epochs: return
     given = ', '.join(f'{n}={v!r}' for n in ('minutes', 'batches', 'steps') if (v := getattr(saver, n)) is not None)
     raise ValueError(f"strategy={strategy!r} ranks checkpoints by {monitor!r} as validated at the end of an epoch, and "
@@ -87,7 +89,7 @@ class AverageCheckpointsCallback(TrainingFitCallback):
     "After the fit, average checkpoints of `fname`, report final vs average on `dls.valid`, and end with the weights asked for"
     order = SaveEveryNCallback.order+1  # after SaveModelCallback (61) reloads its best, before EarlyStopping (63) may stop the fit
     run_after = SaveEveryNCallback
-    _stateattrs = ('saver', 'soup', 'valid', '_autocast', '_trained', '_fitted')  # links to this fit's data and state: not for `learn.export`
+    _stateattrs = ('saver', 'soup', 'valid', '_autocast', '_trained', '_fitted', '_interrupt')  # links to this fit's data and state: not for `learn.export`
     _shared = ('entries', 'files', 'saved_path', 'results', 'table', 'holds', 'reason')  # rank 0's outcome, given to every rank (`share_average`)
     def __init__(self,
         k:int=5,                           # how many checkpoints to average (the latest, unless `strategy` says otherwise)
@@ -107,6 +109,8 @@ class AverageCheckpointsCallback(TrainingFitCallback):
         overwrite:bool=False,              # replace an existing file named `save_as`
         skip_corrupt:bool=False,           # leave out, with a warning, checkpoints whose file fails its size or hash check
         frozen:bool=False,                 # also average fits of a frozen model (`fine_tune`'s first stage); False: they are left alone
+        on_interrupt:str='average',        # on Ctrl-C: 'average' the saves so far, 'save' a last one first, or 'leave' (see `interrupt`)
+        log_artifact:bool=False,           # with a `WandbCallback` in the fit: also log the saved average as a W&B artifact (see `loggers`)
     ):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k={k!r}: pass the number of checkpoints to average, an int >= 1 (e.g. AverageLast(5))")
@@ -124,6 +128,8 @@ class AverageCheckpointsCallback(TrainingFitCallback):
         if not isinstance(fname, str) or not fname:
             raise ValueError(f"fname={fname!r}: pass the fname of the SaveEvery whose checkpoints to average")
         if frozen not in (True, False): raise ValueError(f"frozen={frozen!r}: pass False (fits of a frozen model are not averaged) or True")
+        check_on_interrupt(on_interrupt)
+        if log_artifact not in (True, False): raise ValueError(f"log_artifact={log_artifact!r}: pass True (log the saved average to W&B) or False")
         store_attr()
         self.reads_saves_of = fname  # `SaveEvery(fname=...)` leaves it to us to say why a fit saved nothing
         self.lower, self.direction = _direction(monitor, lower_is_better)
@@ -139,7 +145,7 @@ class AverageCheckpointsCallback(TrainingFitCallback):
         mp = _mixed_precision(self.learn)
         self._autocast, self._trained = mp.autocast if mp else None, None  # MixedPrecision drops it in its after_fit, before ours
         self.saver = next(iter(_savers(self.learn, self.fname)), None)
-        _check_saver(self.saver, self.k, self.strategy, self.monitor)
+        _check_saver(self.saver, self.k, self.strategy, self.monitor, self.lower)
         self.valid, self._no_report = _validation_data(self)
         self.folder = Path(self.learn.path)/self.learn.model_dir
         self.fit_id = self._fit_to_average()
@@ -148,10 +154,15 @@ class AverageCheckpointsCallback(TrainingFitCallback):
             raise FileExistsError(f"{self.target} already exists and AverageLast would replace it; pass another save_as, or overwrite=True")
         self.entries, self.files, self.pool, self.saved_path = L(), L(), L(), None
         self.results, self.table, self.holds, self.soup = None, None, None, None
+        watch_interrupts(self)  # last: a check above that fails leaves no handler behind
 
     def after_epoch(self): self._trained = fingerprint(get_model(self.model))
-    def after_cancel_fit(self): self._trained = fingerprint(get_model(self.model))
+    def after_cancel_fit(self):
+        self._trained = fingerprint(get_model(self.model))
+        end_watch(self)  # after a Ctrl-C: say so, and with on_interrupt='save' save first
+    def after_batch(self): stop_if_interrupted(self)  # a Ctrl-C stops the fit here, between batches (see `interrupt`)
 
+    @finish_interrupt  # after a Ctrl-C: once averaged, the KeyboardInterrupt (see `interrupt`)
     @share_average  # distributed training: rank 0 averages, every rank ends with its weights (see `distrib`)
     def after_fit(self):
         if rank_distrib() != 0: return
@@ -170,6 +181,7 @@ class AverageCheckpointsCallback(TrainingFitCallback):
             model.load_state_dict(final)
             raise
         self.entries, self.files = L(entries), L(manifest.file(e) for e in entries)
+        send_report(self.learn, self.results, self.saved_path, self.log_artifact)  # to CSVLogger, TensorBoard, W&B when in the fit
         self._say(self._summary(len(plan.files)))
 
     def plot(self,

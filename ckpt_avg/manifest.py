@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from fastcore.basics import patch
 from .files import HASH_NAME, file_hash, atomic_write, locked, CheckpointError, ManifestError, IntegrityError
+from .rotation import rotation_plan
 
 # %% auto #0
 __all__ = ['SCHEMA', 'VERSION', 'Manifest', 'checkpoint_name', 'check_no_double_count']
@@ -169,7 +170,7 @@ def new_checkpoint(self:Manifest,
     train_loss:float=None, # the smoothed training loss when it was saved
     metrics:dict=None,     # validation loss and metrics of exactly these weights (an epoch's end); None: none known
     with_opt:bool=False,   # the file holds the optimizer state too
-    trigger:str=None,      # what made the save: 'epochs', 'minutes', 'batches' or 'steps'
+    trigger:str=None,      # what made the save: 'epochs', 'minutes', 'batches', 'steps' or 'interrupt' (a Ctrl-C)
 )->dict:
     "The entry of a checkpoint about to be written, in this manifest's schema; `add_checkpoint` records it once the file is whole"
     return dict(file=checkpoint_name(self.fname, fit, n), fit=fit, epoch=float(epoch), iter=iter, seconds=round(seconds, 3),
@@ -182,11 +183,12 @@ def add_checkpoint(self:Manifest,
     *,
     keep:int=None,  # also rotate, in the same write: mark all but the newest `keep` removed (see `rotate`); None: no rotation
     fit:int=None,   # with `keep`: rotate among the saves of this fit only; None: among the saves of every fit
+    best:dict=None, # with `keep`: also keep the best, `dict(keep_best=, monitor=, lower=)` (see `rotation.keep_best_rule`)
 )->list:
     "Record a checkpoint and rotate, in one write; `entry` gets `meta` and `saved_at` once recorded. Returns the entries rotation removed"
     if keep is not None: _check_keep(keep)
     rec = {**entry, **(meta or {}), 'saved_at': _now()}
-    old = self._record('checkpoints', rec, None if keep is None else partial(self._rotation, keep=keep, fit=fit))
+    old = self._record('checkpoints', rec, None if keep is None else partial(self._rotation, keep=keep, fit=fit, best=best))
     entry.update(rec)  # only now: if the record fails, the file is gone and `entry` is as it was
     self._delete(old)
     return old
@@ -231,13 +233,15 @@ def _check_keep(keep):
         raise ValueError(f"keep={keep!r}: pass the number of checkpoints to keep, an int >= 1")
 
 @patch
-def _rotation(self:Manifest, data:dict, keep:int, fit:int=None)->list:
+def _rotation(self:Manifest, data:dict, keep:int, fit:int=None, best:dict=None)->list:
     "In `data`: mark all but the newest `keep` live checkpoints of ours (of fit `fit`, or of every fit) removed; return copies of them"
     averages = {a.get('file') for a in data['averages']}
     live = [e for e in data['checkpoints'] if not e.get('removed') and (fit is None or e.get('fit') == fit)
             and self.ours(e['file']) and e['file'] not in averages]
-    old = live[:-keep]
+    old, kept = rotation_plan(live, keep, **(best or {}))  # the newest `keep`, and with `best` the best too (see `rotation`)
     for e in old: e['removed'] = True
+    for e in live:
+        if best and e['file'] in kept: e['kept'] = kept[e['file']]  # why it is still there
     return [dict(e) for e in old]
 
 @patch

@@ -14,6 +14,7 @@ from fastai.callback.tracker import TrackerCallback
 from fastai.torch_core import rank_distrib, get_model
 from .files import atomic_write, clean_stale_temps
 from .manifest import Manifest
+from .rotation import keep_best_rule, check_monitor
 from .writer import Snapshot, BackgroundWriter, save_no_crc
 from .distrib import rank0_decides
 
@@ -106,6 +107,9 @@ class SaveEveryNCallback(TrainingFitCallback):
         background:bool=True,# write on a thread from a reused copy of the state; False: write before training goes on
         steps:int=None,      # save every this many optimizer steps (with `GradientAccumulation`, fewer than batches)
         keep_scope:str='fit',# what `keep` rotates: 'fit' (this fit's saves only) or 'all' (the saves of every fit of `fname`)
+        keep_best:int=None,  # with `keep`: also keep the `keep_best` best end-of-epoch saves by `monitor` (see `rotation`)
+        monitor:str='valid_loss', # what `keep_best` ranks by
+        lower_is_better:bool=None, # direction of `monitor`; None: as `AverageLast` knows it (`strategies.lower_is_better`)
     ):
         if epochs is None and minutes is None and batches is None and steps is None:
             raise ValueError("SaveEvery needs a trigger: pass epochs=, minutes=, batches= or steps= (e.g. SaveEvery(epochs=1))")
@@ -120,6 +124,7 @@ class SaveEveryNCallback(TrainingFitCallback):
         if keep_scope not in ('fit', 'all'):
             raise ValueError(f"keep_scope={keep_scope!r}: pass 'fit' (keep= deletes only this fit's older saves) or 'all' "
                              "(keep= counts the saves of every fit of this fname, and deletes earlier fits' files too)")
+        self._best = keep_best_rule(keep, keep_best, monitor, lower_is_better, epochs)
         store_attr()
 
     @property
@@ -130,6 +135,7 @@ class SaveEveryNCallback(TrainingFitCallback):
         if not self.run: return
         if len(_savers(self.learn, self.fname)) > 1:
             raise ValueError(f"two SaveEvery callbacks with fname={self.fname!r} in one fit would write one manifest; give each its own fname")
+        if self.keep_best: check_monitor(self.learn, self.monitor)
         self._new_writer()
         self.manifest = Manifest(self.folder, self.fname)
         self.fit_id = 1 if self.overwrite else self.manifest.next_fit()  # provisional: the first save records the fit
@@ -197,7 +203,8 @@ class SaveEveryNCallback(TrainingFitCallback):
         try: meta = atomic_write(self.folder/entry['file'], self._write_model, overwrite=self.overwrite)
         finally: self._writing = None
         with self._lock:  # `_add_metrics`, on the training thread, comes wholly before or after this
-            self.manifest.add_checkpoint(entry, meta, keep=self.keep, fit=self.fit_id if self.keep_scope == 'fit' else None)
+            self.manifest.add_checkpoint(entry, meta, keep=self.keep, fit=self.fit_id if self.keep_scope == 'fit' else None,
+                                          best=self._best)
             self.saved.append(entry)
 
     def _write_model(self, f):
