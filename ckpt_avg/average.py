@@ -18,6 +18,7 @@ from .manifest import Manifest
 from .core import average_checkpoints
 from .plan import plan_entries
 from .save import SaveEveryNCallback, TrainingFitCallback, training_fit, _savers
+from .ema import EMACallback
 from .strategies import check_strategy, select_checkpoints, greedy_soup, recompute_bn, _NEEDS_METRIC, _direction
 from .report import validated_names, validate_model, final_and_average, which_weights, what_final_is, fingerprint
 from .report import report_table, show_table, save_spans, validate_checkpoints, plot_checkpoints
@@ -42,6 +43,11 @@ def _is_frozen(learn)->bool:
     return getattr(getattr(learn, 'opt', None), 'frozen_idx', 0) > 0
 
 def _mixed_precision(learn): return next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
+
+def _ema_weights(learn)->dict|None:
+    "The weights of the first `EMA` of this fit that has updated (its `after_fit`, order 61.5, ran before ours); None without one"
+    emas = (cb for cb in learn.cbs if isinstance(cb, EMACallback) and getattr(cb, 'run', True))
+    return next((w for cb in emas if (w := cb.weights()) is not None), None)
 
 def _inputs_as_model(dl, model):
     "Batches of `dl` with floating inputs cast to the dtype of `model`'s parameters, when those are not float32 (a `.bfloat16()` model)"
@@ -174,9 +180,9 @@ class AverageCheckpointsCallback(TrainingFitCallback):
         try:
             with self._as_trained():
                 entries, state = self._average(plan)
-                self._decide(final, state)
+                held = self._decide(final, state)
             self._save(manifest, entries, state, plan.given_weights)
-            model.load_state_dict(state if self.holds == 'average' else final)
+            model.load_state_dict(held)
         except BaseException:
             model.load_state_dict(final)
             raise
@@ -260,14 +266,17 @@ class AverageCheckpointsCallback(TrainingFitCallback):
         try: yield
         finally: mp.autocast = None
 
-    def _decide(self, final:dict, state:dict):
-        "Validate final and average weights when asked or needed, show the table, and choose what the model ends with"
+    def _decide(self, final:dict, state:dict)->dict:
+        "Validate final, average (and an `EMA`'s) weights when asked or needed, show the table, choose what the model ends with; its state"
+        ema = None
         if (self.report or self.end_with == 'better') and self.valid is not None:
-            self.results = final_and_average(self.learn, self.valid, final, state)
+            ema = _ema_weights(self.learn)
+            self.results = final_and_average(self.learn, self.valid, final, state, ema=ema)
             self.table = report_table(self.results, self.final_label, len(self.soup.chosen) if self.soup else None)
             if self.report and not self._quiet and self.learn.logger is not noop: show_table(self.table, self._say)
         self.holds, self.reason = which_weights(self.end_with, self.results, monitor=self.monitor, lower=self.lower,
                                                 direction=self.direction, saved=self.target is not None)
+        return dict(average=state, final=final, ema=ema)[self.holds]
 
     def _save(self, manifest, entries, state, weights):
         "Write the average next to the checkpoints and record it; if the record fails, the file is removed"
@@ -284,7 +293,7 @@ class AverageCheckpointsCallback(TrainingFitCallback):
         if self.report and self.valid is None: saved += f"; no report ({self._no_report})"
         if "fastai's rule" in self.direction and self.strategy in _NEEDS_METRIC + ('soup',): saved += f"; {self.monitor}: {self.direction}"
         final_is = f" ({self.final_is})" if self.final_is and self.holds == 'final' else ''
-        return (f"AverageLast: averaged {what} of {self._where} ({save_spans(self.entries)}){saved}. learn.model holds the {self.holds} "
+        return (f"AverageLast: averaged {what} of {self._where} ({save_spans(self.entries)}){saved}. learn.model holds the {'EMA' if self.holds == 'ema' else self.holds} "
                 f"weights{final_is}: {self.reason}")
 
     def _say(self, msg):

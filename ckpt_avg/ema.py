@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 import torch
-from fastcore.basics import store_attr, patch
+from fastcore.basics import store_attr
 from fastai.torch_core import rank_distrib, get_model
 from .files import atomic_write
 from .writer import save_no_crc
@@ -43,6 +43,12 @@ def sidecar_name(checkpoint:str)->str:
     "The file next to `checkpoint` (a name such as 'ckpt_f001_s0003.pth' or its stem) holding the EMA state at that save"
     name = Path(checkpoint).name
     return (name[:-4] if name.endswith('.pth') else name) + '.ema.pt'
+
+def _write_state(path:Path, obj)->dict:
+    "Write `obj` to `path` whole or not at all, without torch's CRC32; its size and hash"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda f: save_no_crc(obj, f, pickle_protocol=2))
+
 
 # %% ../nbs/21_ema.ipynb #ema0007
 class EMACallback(TrainingFitCallback):
@@ -82,162 +88,137 @@ class EMACallback(TrainingFitCallback):
     @property
     def folder(self)->Path: return Path(self.learn.path)/self.learn.model_dir
 
-# %% ../nbs/21_ema.ipynb #ema0009
-@patch
-def before_fit(self:EMACallback):
-    self.run = training_fit(self.learn)  # lr_find, validate, get_preds, predict: the EMA neither moves nor saves
-    if not self.run: return
-    if self.restart: self._init_state()
-    if self._to_resume is not None:
-        self.load(self.folder/sidecar_name(self._to_resume)); self._to_resume = None
-    self._bind()
-    self._savers = [cb for cb in self.learn.cbs if isinstance(cb, SaveEveryNCallback) and getattr(cb, 'run', True)]
-    self._seen = [cb.last_save for cb in self._savers]  # each saver's latest save (None: none yet in this fit)
-    if any(s.with_opt for s in self._savers) and sum(isinstance(cb, EMACallback) for cb in self.learn.cbs) > 1:
-        raise ValueError("two EMA callbacks in a fit with a SaveEvery(with_opt=True) would write the same sidecar at each save; "
-                         "keep one EMA in that fit, or pass with_opt=False to the SaveEvery")
+    def before_fit(self):
+        self.run = training_fit(self.learn)  # lr_find, validate, get_preds, predict: the EMA neither moves nor saves
+        if not self.run: return
+        if self.restart: self._init_state()
+        if self._to_resume is not None: self.load(self.folder/sidecar_name(self._to_resume)); self._to_resume = None
+        self._bind()
+        self._find_savers()
 
-@patch
-def before_batch(self:EMACallback): self._stepped = False
+    def before_batch(self): self._stepped = False
+    def after_step(self):
+        if self._stepped is False: self._stepped = True  # a batch GradientAccumulation holds back never gets here
+    def after_cancel_step(self): self._stepped = None    # MixedPrecision skipped the step (inf/nan gradients)
 
-@patch
-def after_cancel_step(self:EMACallback): self._stepped = None  # MixedPrecision skipped the step (inf/nan gradients)
+    def after_batch(self):
+        if not self.training: return
+        if self._stepped:
+            self.n_steps += 1
+            if self.n_steps % self.every == 0 and not _before_start(self, self.epoch + (self.iter+1)/self.n_iter): self.update()
+        self._write_sidecars()
 
-@patch
-def after_step(self:EMACallback):
-    if self._stepped is False: self._stepped = True  # a batch GradientAccumulation holds back never gets here
+    def after_epoch(self): self._write_sidecars()
 
-@patch
-def after_batch(self:EMACallback):
-    if not self.training: return
-    if self._stepped:
-        self.n_steps += 1
-        if self.n_steps % self.every == 0 and not _before_start(self, self.epoch + (self.iter+1)/self.n_iter): self.update()
-    self._write_sidecars()
+    def after_fit(self):
+        self._write_sidecars()
+        for s in self._savers: self._remove_orphans(s)
+        if self.save_as is not None and rank_distrib() == 0: self._save_final()
 
-@patch
-def after_epoch(self:EMACallback): self._write_sidecars()
+    def _find_savers(self):
+        "The `SaveEvery` callbacks of this fit, and the save each has made so far (None: none yet in this fit)"
+        self._savers = [cb for cb in self.learn.cbs if isinstance(cb, SaveEveryNCallback) and getattr(cb, 'run', True)]
+        self._seen = [cb.last_save for cb in self._savers]
+        if any(s.with_opt for s in self._savers) and sum(isinstance(cb, EMACallback) for cb in self.learn.cbs) > 1:
+            raise ValueError("two EMA callbacks in a fit with a SaveEvery(with_opt=True) would write the same sidecar at each save; "
+                             "keep one EMA in that fit, or pass with_opt=False to the SaveEvery")
 
-@patch
-def after_fit(self:EMACallback):
-    self._write_sidecars()
-    for s in self._savers: self._remove_orphans(s)
-    if self.save_as is not None and rank_distrib() == 0: self._save_final()
-
-# %% ../nbs/21_ema.ipynb #ema0011
-@patch
-def _bind(self:EMACallback):
-    "Point at the model's state tensors (they change in place as it trains); check a restored EMA fits the model"
-    model = get_model(self.model)
-    state = model.state_dict()
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    self._averaged = [k for k, v in state.items() if v.is_floating_point() and (self.buffers == 'average' or k in params)]
-    averaged = set(self._averaged)
-    self._copied = [k for k in state if k not in averaged]
-    self._model_state = state
-    if self._ema is None: return
-    want = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
-    have = {k: (tuple(v.shape), v.dtype) for k, v in self._ema.items()}
-    if want != have:
-        diff = sorted(set(want.items()) ^ set(have.items()), key=str)[:3]
-        raise ValueError(f"the EMA holds weights of another model than this Learner's (first differences: {diff}); "
-                         "pass restart=True, use a new EMA, or resume from a save of this model")
-    self._ema = {k: v.to(self._where(state[k])) for k, v in self._ema.items()}
-    self._lists()
-
-@patch
-def _where(self:EMACallback, t): return self._device if self._device is not None else t.device
-
-@patch
-def _lists(self:EMACallback):
-    "The lists the fused update walks: averaged tensors and their sources, copied tensors and theirs"
-    self._avg = [self._ema[k] for k in self._averaged]; self._src = [self._model_state[k] for k in self._averaged]
-    self._copies = [self._ema[k] for k in self._copied]; self._copy_src = [self._model_state[k] for k in self._copied]
-
-@patch
-@torch.no_grad()
-def update(self:EMACallback):
-    "Fold the model's current weights into the average (the callback calls this after each `every`-th optimizer step)"
-    if self._ema is None:  # the first update is a copy: decay_at(0) == 0
-        self._ema = {k: v.detach().to(self._where(v), copy=True) for k, v in self._model_state.items()}
+    def _bind(self):
+        "Point at the model's state tensors (they change in place as it trains); check a restored EMA fits the model"
+        model = get_model(self.model)
+        state = model.state_dict()
+        params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        self._averaged = [k for k, v in state.items() if v.is_floating_point() and (self.buffers == 'average' or k in params)]
+        averaged = set(self._averaged)
+        self._copied = [k for k in state if k not in averaged]
+        self._model_state = state
+        if self._ema is None: return
+        want = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        have = {k: (tuple(v.shape), v.dtype) for k, v in self._ema.items()}
+        if want != have:
+            diff = sorted(set(want.items()) ^ set(have.items()), key=str)[:3]
+            raise ValueError(f"the EMA holds weights of another model than this Learner's (first differences: {diff}); "
+                             "pass restart=True, use a new EMA, or resume from a save of this model")
+        self._ema = {k: v.to(self._where(state[k])) for k, v in self._ema.items()}
         self._lists()
-    else:
-        src = self._src if self._device is None else [t.to(self._device) for t in self._src]
-        torch._foreach_lerp_(self._avg, src, 1 - self.decay_at(self.n_updates))
-        for a, t in zip(self._copies, self._copy_src): a.copy_(t)
-    self.n_updates += 1
 
-# %% ../nbs/21_ema.ipynb #ema0013
-@patch
-def weights(self:EMACallback)->dict|None:
-    "The EMA as a CPU state dict in the model's dtypes and key order, ready for `model.load_state_dict`; None before the first update"
-    if self._ema is None: return None
-    return {k: v.detach().to('cpu', copy=True) for k, v in self._ema.items()}
+    def _where(self, t): return self._device if self._device is not None else t.device
 
-@patch
-def state_dict(self:EMACallback)->dict:
-    "The EMA weights (on the CPU) and its counters: everything `load_state_dict` needs to carry on exactly"
-    return dict(ema=self.weights(), n_updates=self.n_updates, n_steps=self.n_steps, decay=self.decay, every=self.every)
+    def _lists(self):
+        "The lists the fused update walks: averaged tensors and their sources, copied tensors and theirs"
+        self._avg = [self._ema[k] for k in self._averaged]; self._src = [self._model_state[k] for k in self._averaged]
+        self._copies = [self._ema[k] for k in self._copied]; self._copy_src = [self._model_state[k] for k in self._copied]
 
-@patch
-def load_state_dict(self:EMACallback, state:dict):
-    "Restore what `state_dict` gave; the weights move to their device, and are checked against the model, at the next fit"
-    if not isinstance(state, dict) or not {'ema', 'n_updates', 'n_steps'} <= set(state):
-        raise ValueError("this is not an EMA state: expected a dict with 'ema', 'n_updates' and 'n_steps', as EMACallback.state_dict() gives")
-    self._ema = None if state['ema'] is None else {k: v.clone() for k, v in state['ema'].items()}
-    self.n_updates, self.n_steps = int(state['n_updates']), int(state['n_steps'])
-    self._avg = self._src = self._copies = self._copy_src = None
-    if self._model_state is not None: self._bind()  # bound to a model already (after a fit): check and place it now
+    @torch.no_grad()
+    def update(self):
+        "Fold the model's current weights into the average (the callback calls this after each `every`-th optimizer step)"
+        if self._ema is None:  # the first update is a copy: decay_at(0) == 0
+            self._ema = {k: v.detach().to(self._where(v), copy=True) for k, v in self._model_state.items()}
+            self._lists()
+        else:
+            src = self._src if self._device is None else [t.to(self._device) for t in self._src]
+            torch._foreach_lerp_(self._avg, src, 1 - self.decay_at(self.n_updates))
+            for a, t in zip(self._copies, self._copy_src): a.copy_(t)
+        self.n_updates += 1
 
-@patch
-def load(self:EMACallback, file):
-    "Restore the EMA from `file`, a sidecar written next to a `SaveEvery(with_opt=True)` checkpoint (see `sidecar_name`)"
-    file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist: the EMA state is saved next to each checkpoint of a SaveEvery(with_opt=True) "
-                                "in a fit with an EMA; pass the checkpoint's name (e.g. 'ckpt_f001_s0003') of such a save")
-    self.load_state_dict(torch.load(file, map_location='cpu', weights_only=True))
-    return self
+    def weights(self)->dict|None:
+        "The EMA as a CPU state dict in the model's dtypes and key order, ready for `model.load_state_dict`; None before the first update"
+        if self._ema is None: return None
+        return {k: v.detach().to('cpu', copy=True) for k, v in self._ema.items()}
 
-# %% ../nbs/21_ema.ipynb #ema0015
-@patch
-def _write(self:EMACallback, path:Path, obj)->dict:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda f: save_no_crc(obj, f, pickle_protocol=2))
+    def state_dict(self)->dict:
+        "The EMA weights (on the CPU) and its counters: everything `load_state_dict` needs to carry on exactly"
+        return dict(ema=self.weights(), n_updates=self.n_updates, n_steps=self.n_steps, decay=self.decay, every=self.every)
 
-@patch
-def _write_sidecars(self:EMACallback):
-    "After each new save of a `SaveEvery(with_opt=True)` in this fit, write the EMA state next to it"
-    for i, s in enumerate(self._savers):
-        entry = s.last_save
-        if entry is None or entry is self._seen[i]: continue
-        self._seen[i] = entry
-        if entry.get('with_opt') and rank_distrib() == 0:
-            self._write(s.folder/sidecar_name(entry['file']), self.state_dict())
-            self._remove_orphans(s, keep=entry['file'])
+    def load_state_dict(self, state:dict):
+        "Restore what `state_dict` gave; the weights move to their device, and are checked against the model, at the next fit"
+        if not isinstance(state, dict) or not {'ema', 'n_updates', 'n_steps'} <= set(state):
+            raise ValueError("this is not an EMA state: expected a dict with 'ema', 'n_updates' and 'n_steps', as EMACallback.state_dict() gives")
+        self._ema = None if state['ema'] is None else {k: v.clone() for k, v in state['ema'].items()}
+        self.n_updates, self.n_steps = int(state['n_updates']), int(state['n_steps'])
+        self._avg = self._src = self._copies = self._copy_src = None
+        if self._model_state is not None: self._bind()  # bound to a model already (after a fit): check and place it now
 
-@patch
-def _remove_orphans(self:EMACallback, saver, keep:str=None):
-    "Delete sidecars whose checkpoint is gone (rotated away by `keep=`), except `keep`'s, whose file may still be in flight"
-    if rank_distrib() != 0: return
-    for p in saver.folder.glob(f'{saver.fname}_f*_s*.ema.pt'):
-        ckpt = p.name[:-len('.ema.pt')] + '.pth'
-        if ckpt != keep and saver.manifest.ours(ckpt) and not (saver.folder/ckpt).exists(): p.unlink(missing_ok=True)
+    def load(self, file):
+        "Restore the EMA from `file`, a sidecar written next to a `SaveEvery(with_opt=True)` checkpoint (see `sidecar_name`)"
+        file = Path(file)
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} does not exist: the EMA state is saved next to each checkpoint of a SaveEvery(with_opt=True) "
+                                    "in a fit with an EMA; pass the checkpoint's name (e.g. 'ckpt_f001_s0003') of such a save")
+        self.load_state_dict(torch.load(file, map_location='cpu', weights_only=True))
+        return self
 
-@patch
-def _save_final(self:EMACallback):
-    "Write the EMA as a fastai model file and record it in the manifest of each `SaveEvery` of this fit"
-    w = self.weights()
-    if w is None:
-        return warnings.warn(f"EMA(save_as={self.save_as!r}) wrote nothing: no update happened in this fit (start_at={self.start_at!r}, "
-                             f"every={self.every}, {self.n_steps} optimizer steps counted); pass an earlier start_at or a smaller every")
-    name = self.save_as + '.pth'
-    meta = self._write(self.folder/name, w)
-    for s in self._savers:
-        if s.folder.resolve() != self.folder.resolve(): continue
-        s.manifest.record_average(name, [], meta, fit=s.fit_id if s.saved else None, strategy='ema', details=dict(decay=self.decay,
-                                  every=self.every, warmup_power=self.warmup_power, buffers=self.buffers, n_updates=self.n_updates))
-    self.saved_path = self.folder/name
+    def _write_sidecars(self):
+        "After each new save of a `SaveEvery(with_opt=True)` in this fit, write the EMA state next to it"
+        for i, s in enumerate(self._savers):
+            entry = s.last_save
+            if entry is None or entry is self._seen[i]: continue
+            self._seen[i] = entry
+            if entry.get('with_opt') and rank_distrib() == 0:
+                _write_state(s.folder/sidecar_name(entry['file']), self.state_dict())
+                self._remove_orphans(s, keep=entry['file'])
+
+    def _remove_orphans(self, saver, keep:str=None):
+        "Delete sidecars whose checkpoint is gone (rotated away by `keep=`), except `keep`'s, whose file may still be in flight"
+        if rank_distrib() != 0: return
+        for p in saver.folder.glob(f'{saver.fname}_f*_s*.ema.pt'):
+            ckpt = p.name[:-len('.ema.pt')] + '.pth'
+            if ckpt != keep and saver.manifest.ours(ckpt) and not (saver.folder/ckpt).exists(): p.unlink(missing_ok=True)
+
+    def _save_final(self):
+        "Write the EMA as a fastai model file and record it in the manifest of each `SaveEvery` of this fit"
+        w = self.weights()
+        if w is None:
+            return warnings.warn(f"EMA(save_as={self.save_as!r}) wrote nothing: no update happened in this fit (start_at={self.start_at!r}, "
+                                 f"every={self.every}, {self.n_steps} optimizer steps counted); pass an earlier start_at or a smaller every")
+        name = self.save_as + '.pth'
+        meta = _write_state(self.folder/name, w)
+        for s in self._savers:
+            if s.folder.resolve() != self.folder.resolve(): continue
+            s.manifest.record_average(name, [], meta, fit=s.fit_id if s.saved else None, strategy='ema', details=dict(decay=self.decay,
+                                      every=self.every, warmup_power=self.warmup_power, buffers=self.buffers, n_updates=self.n_updates))
+        self.saved_path = self.folder/name
+
 
 # %% ../nbs/21_ema.ipynb #ema0016
 EMA = EMACallback

@@ -31,34 +31,37 @@ def validate_model(learn, dl)->dict:
     finally: rec.log = log
     return dict(zip(validated_names(learn), vals))
 
-def final_and_average(learn, dl, final:dict, average:dict)->dict:
-    "`validate_model` with the `final` weights, then with the `average`: {'final': {...}, 'average': {...}}; the model ends with `average`"
-    model = get_model(learn.model)
-    model.load_state_dict(final)  # the final weights as they are: no BatchNorm recompute
-    fin = validate_model(learn, dl)
-    model.load_state_dict(average)
-    return dict(final=fin, average=validate_model(learn, dl))
+def final_and_average(learn, dl, final:dict, average:dict, ema:dict=None)->dict:
+    "`validate_model` with the `final` weights, the `ema`'s if given, then the `average`: {'final': {...}, 'average': {...}[, 'ema': {...}]}; the model ends with `average`"
+    model, res = get_model(learn.model), {}
+    for name, state in (('final', final), ('ema', ema), ('average', average)):  # the final weights as they are: no BatchNorm recompute
+        if state is None: continue
+        model.load_state_dict(state)
+        res[name] = validate_model(learn, dl)
+    return {k: res[k] for k in ('final', 'average', 'ema') if k in res}
 
 # %% ../nbs/15_report.ipynb #4d67ff16
+_LABEL = dict(final='final', average='average', ema='EMA')  # how the rows and the reasons name each set of weights
+
 def which_weights(
-    end_with:str,               # 'average', 'final', or 'better' (the better of the two in `results`)
-    results:dict=None,          # `final_and_average`'s figures; needed for 'better'
+    end_with:str,               # 'average', 'final', or 'better' (the best of the weights in `results`)
+    results:dict=None,          # `final_and_average`'s figures (final, average, and an EMA's if validated); needed for 'better'
     *,
     monitor:str='valid_loss',   # with 'better': the figure that decides
     lower:bool=True,            # with 'better': is a lower `monitor` better?
     direction:str='lower is better', # with 'better': how that direction was decided, for the reason
     saved:bool=True,            # is the average saved to a file? (said in the reason for 'final')
 )->tuple:
-    "(holds, reason): which weights the model ends with, 'average' or 'final', and why, in words"
+    "(holds, reason): which weights the model ends with, 'average', 'final' or 'ema', and why, in words"
     if end_with != 'better':
         reason = f"end_with={end_with!r}"
         if end_with == 'final': reason += ", the average is saved, not loaded" if saved else ", the average is neither loaded nor saved (save_as=None)"
         return end_with, reason
-    f, a = results['final'][monitor], results['average'][monitor]
-    avg_wins = a <= f if lower else a >= f  # a tie keeps the average
-    return 'average' if avg_wins else 'final', (
-        f"its {monitor} on dls.valid, {(a if avg_wins else f):.4g}, is {'no worse than' if a == f else 'better than'} "
-        f"the {'final' if avg_wins else 'average'} weights' {(f if avg_wins else a):.4g} ({direction}; end_with='better')")
+    vals = {k: results[k][monitor] for k in ('average', 'ema', 'final') if k in results}  # a tie keeps the average, then the EMA
+    best = next((k for k in vals if all(vals[k] <= v if lower else vals[k] >= v for v in vals.values())), 'final')  # NaN: the final
+    than = ' and '.join(f"{'no worse than' if vals[k] == vals[best] else 'better than'} the {_LABEL[k]} weights' {vals[k]:.4g}"
+                        for k in vals if k != best)
+    return best, f"its {monitor} on dls.valid, {vals[best]:.4g}, is {than} ({direction}; end_with='better')"
 
 # %% ../nbs/15_report.ipynb #71252a8f
 def fingerprint(model)->torch.Tensor:
@@ -76,10 +79,10 @@ def what_final_is(learn, trained:torch.Tensor=None)->tuple:
     return "not the last trained weights: a callback that runs before AverageLast loaded others when the fit ended", "reloaded by a callback"
 
 def report_table(results:dict, final_label:str='', soup:int=None):
-    "`final_and_average`'s figures as a `DataFrame`, a row for the final weights (`final_label`: what they are) and one for the average"
+    "`final_and_average`'s figures as a `DataFrame`: a row for the final weights (`final_label`: what they are), one for the average, one for an EMA"
     import pandas as pd
-    final = 'final weights' + (f" ({final_label})" if final_label else '')
-    return pd.DataFrame([results['final'], results['average']], index=[final, f"average of {soup} (soup)" if soup else "average"])
+    names = dict(final='final weights' + (f" ({final_label})" if final_label else ''), average=f"average of {soup} (soup)" if soup else "average", ema='EMA')
+    return pd.DataFrame([results[k] for k in names if k in results], index=[v for k, v in names.items() if k in results])
 
 def show_table(table, say=print):
     "Show `table` as a table in a notebook; elsewhere as text, through `say` (e.g. the Learner's logger)"
@@ -145,5 +148,6 @@ def plot_checkpoints(
     if results and metric in results['final'] and ylabel == metric:
         ax.axhline(results['final'][metric], color='C3', ls='--', label=f"final weights {results['final'][metric]:.4f}")
         ax.axhline(results['average'][metric], color='C2', label=f"average {results['average'][metric]:.4f}")
+        if 'ema' in results: ax.axhline(results['ema'][metric], color='C1', ls=':', label=f"EMA {results['ema'][metric]:.4f}")
     ax.set_xlabel('epoch'); ax.set_ylabel(ylabel); ax.legend(fontsize=8)
     return ax

@@ -106,3 +106,57 @@ def test_a_failure_at_the_end_leaves_the_final_weights_and_no_file(tmp_path):
         fit(learn, 2, [SaveEvery(epochs=1), fin, AverageLast(4, strategy='weighted', weights=[1, 1, 1, 1])])
     assert states_equal(state(learn.model), fin.state)
     assert not (folder(learn)/'ckpt_f001_avg.pth').exists() and Manifest(folder(learn)).data['averages'] == []
+
+
+# An EMA in the fit: a third row, validated like the others, and a third candidate for end_with='better'
+
+from ckpt_avg.ema import EMA
+
+def test_ema_row_equals_validate_with_the_ema_weights(tmp_path):
+    learn = digits_learner(path=tmp_path)
+    ema, avg = EMA(decay=0.9), AverageLast(3, end_with='final')
+    fit(learn, 4, [SaveEvery(epochs=1), ema, avg])
+    assert list(avg.table.index) == ['final weights', 'average', 'EMA'] and avg.holds == 'final'
+    learn.model.load_state_dict(ema.weights())
+    assert list(avg.results['ema'].values()) == pytest.approx(validate(learn), abs=1e-6)
+    assert avg.results['ema'] != avg.results['final'] and avg.results['ema'] != avg.results['average']
+    assert avg.table.loc['EMA', 'valid_loss'] == avg.results['ema']['valid_loss']
+    entry = Manifest(folder(learn)).data['averages'][-1]
+    assert entry['report'] == avg.results and set(entry['report']) == {'final', 'average', 'ema'}
+
+
+def test_an_ema_that_never_updated_adds_no_row(tmp_path):
+    learn = digits_learner(path=tmp_path)
+    ema, avg = EMA(start_at=10), AverageLast(2)
+    fit(learn, 2, [SaveEvery(epochs=1), ema, avg])
+    assert ema.weights() is None and list(avg.results) == ['final', 'average'] and len(avg.table) == 2
+
+
+def test_better_ends_with_the_ema_when_it_wins(tmp_path, capsys):
+    # the average is the epoch-2 checkpoint alone and the final weights are spoiled: the EMA of the last steps wins
+    learn = digits_learner(path=tmp_path)
+    ema = EMA(decay=0.5)
+    avg = AverageLast(4, strategy='weighted', weights=[1, 0, 0, 0], end_with='better', report=False)
+    fit(learn, 5, [SaveEvery(epochs=1), ema, Spoil(), avg], quiet=False)
+    best = avg.table['valid_loss'].idxmin()
+    assert best == 'EMA' and avg.holds == 'ema' and states_equal(state(learn.model), ema.weights())
+    assert Manifest(folder(learn)).data['averages'][-1]['holds'] == 'ema'
+    out = capsys.readouterr().out
+    assert "learn.model holds the EMA weights: its valid_loss on dls.valid" in out and "the average weights'" in out
+    assert "the final weights'" in out
+
+
+@pytest.mark.parametrize('lower', [True, False])
+def test_better_picks_the_best_row_of_three(tmp_path, lower):
+    # lower_is_better=False on valid_loss (wrong on purpose) makes the worst row, the spoiled final weights, win
+    learn = digits_learner(path=tmp_path)
+    fin, ema, avg = Final(), EMA(decay=0.9), AverageLast(3, end_with='better', lower_is_better=lower)
+    fit(learn, 4, [SaveEvery(epochs=1), ema, Spoil(), fin, avg])
+    col = avg.table['valid_loss']
+    assert list(col.index) == ['final weights (reloaded by a callback)', 'average', 'EMA']   # Spoil changed the weights after training
+    row = col.idxmin() if lower else col.idxmax()
+    want = {col.index[0]: 'final', 'average': 'average', 'EMA': 'ema'}[row]
+    assert avg.holds == want and (want == 'final') == (not lower)
+    held = dict(final=fin.state, ema=ema.weights(), average=torch.load(folder(learn)/'ckpt_f001_avg.pth'))[want]
+    assert states_equal(state(learn.model), held)
+    assert validate(learn)[0] == pytest.approx(col[row], abs=1e-6)
