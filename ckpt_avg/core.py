@@ -120,6 +120,6 @@ def average_to_file(
     buf = torch.empty(max((t.numel()*t.element_size() for t in state.values()), default=0), dtype=torch.uint8)
     dst = lambda key: buf[:state[key].numel()*state[key].element_size()].view(state[key].dtype).view(state[key].shape)
     items = _averages(plan, kernel, chunk=chunk, dst=dst, progress=progress)
-    if out_format in FOLDER_FORMATS: meta = write_average_folder(plan, spec, items, output, out_format, overwrite, max_shard_size)
+    if out_format in FOLDER_FORMATS: meta = write_average_folder(plan, spec, items, output, out_format, overwrite=overwrite, max_shard_size=max_shard_size)
     else: meta = write_stream(spec, items, output, out_format, overwrite)
     return dict(meta, tensors=len(spec), files=plan.files)

@@ -58,6 +58,7 @@ class EMACallback(TrainingFitCallback):
     def __init__(self,
         decay:float=0.999,            # weight of the old average at each update, once warmed up
         every:int=1,                  # update after every this many optimizer steps (skipped and accumulated steps do not count)
+        *,
         warmup_power:float=2/3,       # decay of update n is min(decay, 1-(1+n)**-warmup_power); None: `decay` from the second update
         device=None,                  # where the EMA lives: None (the model's device), 'cpu', or a torch device
         buffers:str='average',        # BatchNorm statistics and other float buffers: 'average' them, or 'copy' them from the model

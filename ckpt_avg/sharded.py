@@ -64,7 +64,7 @@ def checkpoint_folders(inputs)->list|None:
 # %% ../nbs/09_sharded.ipynb #b6043106
 class FolderCheckpoint(Checkpoint):
     "The model weights of a checkpoint folder: its shards, each mapped by `read_checkpoint`, as one state dict"
-    def __init__(self, folder, format, state, shards, has_opt=False, meta=None, kind=None):
+    def __init__(self, folder, format, state, shards, *, has_opt=False, meta=None, kind=None):
         super().__init__(folder, format, state, has_opt=has_opt, meta=meta)
         self.shards,self.kind = shards,kind
     def release(self, t):
@@ -189,6 +189,7 @@ def write_sharded(
     items,               # iterable of (name, tensor) in the order of `spec`; each tensor may be reused once yielded
     output,              # the folder to create
     max_shard_size='5GB', # bytes per shard at most: an int, or '5GB', '500MB'...
+    *,
     overwrite:bool=False, # replace an existing `output` folder
     copy_from=None,      # a transformers folder whose config and tokenizer files to copy (the newest input)
     meta:dict=None,      # recorded in the index's metadata under 'ckpt_avg'
@@ -219,6 +220,7 @@ def write_average_folder(
     items,                # the engine's (name, average) pairs
     output,               # the folder to create
     format:str='sharded', # 'sharded': safetensors shards with an index; 'dcp': a `torch.distributed.checkpoint` folder
+    *,
     overwrite:bool=False, # replace an existing `output`
     max_shard_size='5GB', # 'sharded': bytes per shard at most
 )->dict:
@@ -231,4 +233,4 @@ def write_average_folder(
         return write_dcp(spec, items, output, overwrite)
     meta = dict(inputs=[str(f) for f in plan.files], weights=plan.given_weights)
     copy_from = newest.file if getattr(newest, 'kind', None) == 'transformers' else None
-    return write_sharded(spec, items, output, max_shard_size, overwrite, copy_from=copy_from, meta=meta)
+    return write_sharded(spec, items, output, max_shard_size, overwrite=overwrite, copy_from=copy_from, meta=meta)

@@ -68,6 +68,8 @@ def main(argv=None)->int:
     with tempfile.TemporaryDirectory() as d:
         os.environ['JUPYTER_PATH'] = str(_kernel_dir(Path(d)))
         os.environ['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+        # importing fastai makes torch warn that torch.jit.script is deprecated: fastai's business, not the page's
+        os.environ['PYTHONWARNINGS'] = 'ignore::FutureWarning:torch.jit._script'
         for path in paths:
             if not run(path, flags): failed.append(path.name)
     if failed: print(f"not written, a cell failed: {', '.join(failed)}", file=sys.stderr)
