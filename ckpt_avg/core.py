@@ -68,13 +68,13 @@ def _averages(plan:AveragePlan, kernel:str, *, chunk:int, dst=lambda key: None, 
     ckpts = plan.checkpoints
     states, release = [c.state for c in ckpts], [c.release for c in ckpts]
     buffers = {}  # the float64 scratch, shared by all tensors: fresh buffers per tensor would page-fault every time
-    with torch.no_grad():
-        for key in _progress(list(states[0]), progress):
+    for key in _progress(list(states[0]), progress):
+        with torch.no_grad():  # around each tensor, never around a `yield`: the caller's grad mode is its own, also if it stops early
             srcs = [c.tensor(key) for c in ckpts]  # a DCP checkpoint reads it now
-            if srcs[0].is_floating_point() or srcs[0].is_complex():
-                yield key, _average_tensor(srcs, plan.weights, chunk, out=dst(key), release=release, buffers=buffers, kernel=kernel)
-            else: yield key, srcs[-1]
-            for c, t in zip(ckpts, srcs): c.release(t)
+            float_ = srcs[0].is_floating_point() or srcs[0].is_complex()
+            t = _average_tensor(srcs, plan.weights, chunk, out=dst(key), release=release, buffers=buffers, kernel=kernel) if float_ else srcs[-1]
+        yield key, t
+        for c, s in zip(ckpts, srcs): c.release(s)
 
 # %% ../nbs/13_core.ipynb #a6cb693a
 @_by_selection

@@ -297,3 +297,20 @@ def test_load_state_copies_keep_views_and_shared_storage(tmp_path):
     assert sd['a'].untyped_storage().data_ptr() == sd['b'].untyped_storage().data_ptr() == sd['t'].untyped_storage().data_ptr()
     mapped = load_state(tmp_path/'v.pth', mmap=True)
     assert sd['a'].untyped_storage().data_ptr() != mapped['a'].untyped_storage().data_ptr()
+
+
+def test_the_callers_grad_mode_is_never_changed_even_by_a_write_that_fails(tmp_path, monkeypatch):
+    "The engine yields tensor by tensor: no_grad must not leak into the caller between yields, nor stay after an abandoned write"
+    from ckpt_avg.core import _as_plan, _averages
+    files = noisy_saves(tmp_path, torch.float32, k=3)
+    tensors = _averages(*_as_plan(files, 'numpy', {}), chunk=1 << 18)
+    next(tensors)
+    assert torch.is_grad_enabled()  # while the average is suspended between two tensors
+    def full_disk(spec, items, *args, **kwargs):
+        next(iter(items)); raise OSError(28, 'No space left on device')  # after the first tensor
+    monkeypatch.setattr('ckpt_avg.core.write_stream', full_disk)
+    with pytest.raises(OSError, match='No space left'): average_to_file(files, tmp_path/'avg.pth')
+    assert torch.is_grad_enabled()
+    w = torch.zeros(2, requires_grad=True)
+    (w * 2).sum().backward()  # training still works in this process
+    assert w.grad is not None
