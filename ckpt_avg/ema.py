@@ -11,7 +11,7 @@ from fastcore.basics import store_attr
 from fastai.torch_core import rank_distrib, get_model
 from .files import atomic_write
 from .writer import save_no_crc
-from .save import TrainingFitCallback, SaveEveryNCallback, training_fit, _start_point, _before_start
+from .save import SaveEveryNCallback, training_fit, _StepCounting, _start_point, _before_start
 
 # %% auto #0
 __all__ = ['EMA', 'EMACallback']
@@ -51,7 +51,7 @@ def _write_state(path:Path, obj)->dict:
 
 
 # %% ../nbs/21_ema.ipynb #ema0007
-class EMACallback(TrainingFitCallback):
+class EMACallback(_StepCounting):
     "Keep an exponential moving average of the model's weights, updated every `every` optimizer steps"
     order = SaveEveryNCallback.order + 0.5  # after SaveEvery (so it sees each new save), before AverageLast (62) reads the EMA
     _stateattrs = ('_ema', '_avg', '_src', '_copies', '_copy_src', '_model_state', '_savers', '_seen')  # tensors: `learn.export` leaves them out
@@ -97,16 +97,11 @@ class EMACallback(TrainingFitCallback):
         self._bind()
         self._find_savers()
 
-    def before_batch(self): self._stepped = False
-    def after_step(self):
-        if self._stepped is False: self._stepped = True  # a batch GradientAccumulation holds back never gets here
-    def after_cancel_step(self): self._stepped = None    # MixedPrecision skipped the step (inf/nan gradients)
 
     def after_batch(self):
         if not self.training: return
-        if self._stepped:
-            self.n_steps += 1
-            if self.n_steps % self.every == 0 and not _before_start(self, self.epoch + (self.iter+1)/self.n_iter): self.update()
+        if self._counted_step() and self.n_steps % self.every == 0 and not _before_start(self, self.epoch + (self.iter+1)/self.n_iter):
+            self.update()
         self._write_sidecars()
 
     def after_epoch(self): self._write_sidecars()

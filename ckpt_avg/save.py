@@ -87,9 +87,20 @@ def _why_no_saves(saver)->str:
             "fires within the fit, e.g. SaveEvery(epochs=1) (a save after every epoch) or a smaller minutes=")
 
 # %% ../nbs/18_save.ipynb #678395c5
+class _StepCounting(TrainingFitCallback):
+    "Counts in `n_steps` the optimizer steps a fit really takes: a step `MixedPrecision` skips, or a batch `GradientAccumulation` holds back, is not one (`SaveEvery(steps=)`, `EMA`)"
+    def before_batch(self): self._stepped = False
+    def after_step(self):
+        if self._stepped is False: self._stepped = True  # a batch that `GradientAccumulation` cancels never gets here
+    def after_cancel_step(self): self._stepped = None    # e.g. MixedPrecision skipped a step on an overflow
+    def _counted_step(self)->bool:
+        "In `after_batch` of a training batch: did it make an optimizer step? (then `n_steps` has counted it)"
+        if self._stepped: self.n_steps += 1
+        return bool(self._stepped)
+
 def _savers(learn, fname): return [cb for cb in learn.cbs if isinstance(cb, SaveEveryNCallback) and cb.fname == fname]
 
-class SaveEveryNCallback(TrainingFitCallback):
+class SaveEveryNCallback(_StepCounting):
     "Save the model every `epochs` epochs, `minutes` minutes, `batches` training batches or `steps` optimizer steps, recorded in a manifest"
     order = TrackerCallback.order+1  # after the Recorder, so the epoch's losses and metrics are known
     _stateattrs = ('_writer', '_snapshot', '_lock', '_writing')  # a thread, buffers, a lock: never pickled by `learn.export`
@@ -143,17 +154,12 @@ class SaveEveryNCallback(TrainingFitCallback):
         self.start = self.last_time = time.monotonic()
         self.last_iter = self.last_save = None
 
-    def before_batch(self): self._stepped = False
-    def after_step(self):
-        if self._stepped is False: self._stepped = True  # a batch that `GradientAccumulation` cancels never gets here
-    def after_cancel_step(self): self._stepped = None    # e.g. MixedPrecision skipped a step on an overflow
-
     def after_batch(self):
         if not self.training: return
-        if self._stepped: self.n_steps += 1
+        stepped = self._counted_step()
         if _before_start(self, self.epoch + (self.iter+1)/self.n_iter): return
         if self.batches and self.train_iter % self.batches == 0: self._save('batches')
-        elif self.steps and self._stepped and self.n_steps % self.steps == 0: self._save('steps')
+        elif self.steps and stepped and self.n_steps % self.steps == 0: self._save('steps')
         elif self.minutes and rank0_decides(time.monotonic() - self.last_time >= self.minutes*60): self._save('minutes')
 
     def after_epoch(self):

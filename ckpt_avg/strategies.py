@@ -4,12 +4,12 @@
 
 # %% ../nbs/14_strategies.ipynb #61f03506
 from __future__ import annotations
-import math
 import torch
 from torch import nn
 from fastcore.basics import AttrDict
 from .core import average_checkpoints
 from .plan import normalised_weights
+from .rotation import _value  # a save's recorded `monitor`, None if missing or NaN: the one reading, shared with keep-best rotation
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'lower_is_better', 'check_strategy', 'select_checkpoints', 'greedy_soup', 'recompute_bn']
@@ -66,10 +66,6 @@ def check_strategy(
         raise ValueError(f"decay={decay!r}: pass a number in (0, 1], such as 0.8 (1 is a plain mean)")
 
 # %% ../nbs/14_strategies.ipynb #5de0ff42
-def _value(entry, monitor):
-    v = (entry.get('metrics') or {}).get(monitor)
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
 def _no_metric(strategy, monitor, entries, missing=None):
     names = sorted({n for e in entries for n in (e.get('metrics') or {})})
     which = f"{missing['file']} (epoch {missing.get('epoch', '?'):.3g}) has" if missing else "none of the saves has"
