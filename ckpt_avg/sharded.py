@@ -8,7 +8,7 @@ import json, os, re, shutil
 from pathlib import Path
 import torch
 from .files import CheckpointError, atomic_write, _new_folder
-from .formats import Checkpoint, read_checkpoint, write_stream
+from .formats import Checkpoint, read_checkpoint, write_stream, _strip
 from .dcp import DCPCheckpoint, read_dcp, write_dcp
 
 # %% auto #0
@@ -95,21 +95,20 @@ def _read_index(file:Path)->dict:
     return wm
 
 def _shards(folder:Path, model:int):
-    "(index file or None, shard files) of the model weights in `folder`; model 1, 2...: accelerate's `model_1.*` of a second model"
+    "(index file, its weight map) or (None, None), and the shard files of the model weights in `folder`; model 1, 2...: accelerate's `model_1.*` of a second model"
     if model:
         files = [folder/f'model_{model}.safetensors', folder/f'pytorch_model_{model}.bin']
         found = [f for f in files if f.is_file()]
         if not found: raise CheckpointError(f"{folder} has no {files[0].name} or {files[1].name}: it holds no model {model}; pass model=0")
-        return None, found[:1]
+        return (None, None), found[:1]
     for name in _INDEXES:
         if (folder/name).is_file():
             wm = _read_index(folder/name)
-            return folder/name, [folder/n for n in sorted(set(wm.values()))]
-    return None, [next(folder/n for n in _SINGLES if (folder/n).is_file())]
+            return (folder/name, wm), [folder/n for n in sorted(set(wm.values()))]
+    return (None, None), [next(folder/n for n in _SINGLES if (folder/n).is_file())]
 
-def _check_against_index(index:Path, shards:list):
-    "Every tensor the index lists is in the shard it names, and every shard tensor is listed"
-    wm = _read_index(index)
+def _check_against_index(index:Path, wm:dict, shards:list):
+    "Every tensor the index `index` (its weight map `wm`) lists is in the shard it names, and every shard tensor is listed"
     for s in shards:
         held, listed = set(s.state), {k for k, v in wm.items() if v == s.file.name}
         if missing := sorted(listed - held):
@@ -128,17 +127,15 @@ def read_folder(
     if kind is None:
         raise CheckpointError(f"{folder} is not a checkpoint folder: it holds no {', '.join(_INDEXES + _SINGLES)} and no DCP .metadata")
     if kind == 'dcp': return read_dcp(folder, strip_prefix)
-    index, files = _shards(folder, model)
+    (index, wm), files = _shards(folder, model)
     shards = [read_checkpoint(f, 'safetensors' if f.suffix == '.safetensors' else None) for f in files]
-    if index is not None: _check_against_index(index, shards)
+    if index is not None: _check_against_index(index, wm, shards)
     state = {}
     for s in shards:
         if twice := next((k for k in s.state if k in state), None):
             raise CheckpointError(f"{s.file} and another shard both hold {twice!r}; the folder's shards disagree")
         state.update(s.state)
-    if strip_prefix:
-        state = {k[len(strip_prefix):]: v for k, v in state.items() if k.startswith(strip_prefix)}
-        if not state: raise CheckpointError(f"no key of {folder} starts with {strip_prefix!r}; pass the prefix its keys have, or none")
+    state = _strip(state, strip_prefix, folder)
     fmt = 'safetensors' if files[0].suffix == '.safetensors' else 'state_dict'
     has_opt = any((folder/n).is_file() for n in _OPTIMIZER)
     return FolderCheckpoint(folder, fmt, state, shards, has_opt=has_opt, kind=kind)
