@@ -20,7 +20,7 @@ from .plan import plan_entries
 from .save import SaveEveryNCallback, TrainingFitCallback, training_fit, _savers
 from .ema import EMACallback
 from .strategies import check_strategy, select_checkpoints, greedy_soup, recompute_bn, _NEEDS_METRIC, _direction
-from .report import validated_names, validate_model, final_and_average, which_weights, what_final_is, fingerprint
+from .report import _LABEL, validated_names, validate_model, final_and_average, which_weights, what_final_is, fingerprint
 from .report import report_table, show_table, save_spans, validate_checkpoints, plot_checkpoints
 from .rotation import check_keep_covers
 from .interrupt import check_on_interrupt, watch_interrupts, stop_if_interrupted, end_watch, finish_interrupt
@@ -293,7 +293,7 @@ class AverageCheckpointsCallback(TrainingFitCallback):
         if self.report and self.valid is None: saved += f"; no report ({self._no_report})"
         if "fastai's rule" in self.direction and self.strategy in _NEEDS_METRIC + ('soup',): saved += f"; {self.monitor}: {self.direction}"
         final_is = f" ({self.final_is})" if self.final_is and self.holds == 'final' else ''
-        return (f"AverageLast: averaged {what} of {self._where} ({save_spans(self.entries)}){saved}. learn.model holds the {'EMA' if self.holds == 'ema' else self.holds} "
+        return (f"AverageLast: averaged {what} of {self._where} ({save_spans(self.entries)}){saved}. learn.model holds the {_LABEL[self.holds]} "
                 f"weights{final_is}: {self.reason}")
 
     def _say(self, msg):
