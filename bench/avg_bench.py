@@ -10,6 +10,7 @@ noise, saved with fastai's `save_model`, with optimizer state when --opt), then 
   floor   what the machine allows such a command: `import torch`, read the weights' bytes of the K files (a `cat` of their
           byte ranges), write a new file of the model's size, fsync it and its folder (our writer syncs the same way)
   ours-*-over  the command writing over an existing output (--force), which the file system must free first
+  before-*     with --before PATH: the same commands from an earlier checkout, in the same rounds (a before/after ratio)
 and prints medians of the per-round ratios: whole process / `import torch` and / floor, net peak RSS / model bytes (child's
 ru_maxrss minus that of `import torch`), and, in this process, the average alone / a `cat` of the model bytes
 (every tensor's byte range read through a reused 1 MiB buffer), plus the share of elements equal to the correctly
@@ -177,6 +178,8 @@ def main():
                     help="the engine's kernels to time side by side, comma-separated (auto, numpy, numba; see ckpt_avg.kernels; "
                          "default: numpy, and numba where it is installed)")
     ap.add_argument('--no-naive', action='store_true', help='skip the naive baseline (it needs K+1 models of memory)')
+    ap.add_argument('--before', type=Path, help='a checkout of an earlier ckpt_avg (e.g. `git worktree add /tmp/before HEAD~3`): '
+                    'its command runs in the same rounds as `before-*`, for a before/after ratio measured side by side')
     a = ap.parse_args()
     kernels = a.kernels.split(',')
     run = Runner()
@@ -195,6 +198,10 @@ def main():
         cmds = dict(torch=[py, '-c', 'import torch'], floor=[py, '-c', FLOOR, str(folder/'ranges.json'), str(folder/'floor.pth'), str(model_bytes)])
         average = lambda name, kn: [py, '-m', 'ckpt_avg.cli', 'average', *map(str, files), '-o', str(folder/f'{name}.pth'), '-q', '--force', '--kernel', kn]
         for kn in kernels: cmds[f'ours-{kn}'], cmds[f'ours-{kn}-over'] = average(f'ours-{kn}', kn), average(f'ours-{kn}-over', kn)
+        if a.before:  # the same command from another checkout: its package first on the path
+            run_before = f"import runpy, sys; sys.path.insert(0, {str(a.before.resolve())!r}); runpy.run_module('ckpt_avg.cli', run_name='__main__')"
+            for kn in kernels:
+                for n in (f'before-{kn}', f'before-{kn}-over'): cmds[n] = [py, '-c', run_before, *average(n, kn)[3:]]
         if not a.no_naive: cmds['naive'] = [py, '-c', NAIVE, *map(str, files), str(folder/'naive.pth')]
         res = {n: [] for n in cmds}
         for r in range(a.runs + 1):  # round 0 warms the page cache (and writes each -over output once) and is not counted
@@ -207,12 +214,12 @@ def main():
         print(f"\nwhole process, warm, median of {a.runs} alternated rounds (python -c 'import torch': {med(tt):.2f} s, "
               f"peak {med([p for _, p in res['torch']])/2**20:.0f} MiB; floor: {med(ft):.2f} s, "
               f"{med([f/t for f, t in zip(ft, tt)]):.2f} x import torch)")
-        print(f"{'':16}{'wall s':>8}{'÷ import torch':>16}{'÷ floor':>10}{'net peak ÷ model':>18}")
+        print(f"{'':18}{'wall s':>8}{'÷ import torch':>16}{'÷ floor':>10}{'net peak ÷ model':>18}")
         for n in cmds:
             if n == 'torch': continue
             ratio, floor = med([w/t for (w, _), t in zip(res[n], tt)]), med([w/f for (w, _), f in zip(res[n], ft)])
             net = med([(p - pt)/model_bytes for (_, p), (_, pt) in zip(res[n], res['torch'])])
-            print(f"{n:16}{med([w for w, _ in res[n]]):8.2f}{ratio:16.2f}{floor:10.2f}{net:18.2f}")
+            print(f"{n:18}{med([w for w, _ in res[n]]):8.2f}{ratio:16.2f}{floor:10.2f}{net:18.2f}")
 
         # in this process: the average alone against reading the model's bytes, alternated
         from ckpt_avg.core import average_checkpoints

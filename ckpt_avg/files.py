@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_files.ipynb #6aad95e5
 from __future__ import annotations
-import contextlib, errno, glob, os, re, secrets, shutil, socket, threading, time, warnings
+import contextlib, errno, functools, glob, os, re, secrets, shutil, socket, stat, subprocess, sys, threading, time, warnings
 from pathlib import Path
 import xxhash
 try: import fcntl
@@ -27,13 +27,33 @@ def file_hash(path, chunk:int=1<<22)->str:
     return f'{HASH_NAME}:{h.hexdigest()}'
 
 # %% ../nbs/00_files.ipynb #2d660d67
+_WRITEBACK_EVERY = 32<<20  # bytes: how often a long write hands what it wrote so far to the disk
+
+@functools.cache
+def _sync_file_range():
+    "Linux's `sync_file_range`, which starts writing a range of a file to the disk and returns at once; None elsewhere"
+    if not sys.platform.startswith('linux'): return None
+    import ctypes
+    try: fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError): return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+    return fn
+
 class _HashingWriter:
-    "A write-only file wrapper that counts and hashes every byte on its way to `f`, and remembers a failed write"
-    def __init__(self, f): self.f,self.h,self.n,self.error = f,_new_hasher(),0,None
+    "A write-only file wrapper that counts and hashes every byte on its way to `f`, starts its writeback as it goes, and remembers a failed write"
+    def __init__(self, f): self.f,self.h,self.n,self.error,self.started = f,_new_hasher(),0,None,0
     def write(self, b):
         self.h.update(b); self.n += len(b)
-        return self._do(self.f.write, b)
+        res = self._do(self.f.write, b)
+        if self.n - self.started >= _WRITEBACK_EVERY: self._start_writeback()
+        return res
     def flush(self): self._do(self.f.flush)
+    def _start_writeback(self):
+        "Have the disk start on the bytes written so far, without waiting: the final fsync then has little left to do"
+        if (sfr := _sync_file_range()) is None: return
+        self.flush()
+        sfr(self.f.fileno(), self.started, self.n - self.started, 2)  # SYNC_FILE_RANGE_WRITE; a failure only loses the head start
+        self.started = self.n
     def _do(self, op, *args):
         try: return op(*args)
         except OSError as e: self.error = e; raise
@@ -78,26 +98,51 @@ def _link_into_place(tmp:Path, path:Path):
         os.replace(tmp, path); return
     with contextlib.suppress(OSError): os.unlink(tmp)  # the file has its name; a temporary left here is cleaned later
 
+_ASIDE_MIN = 64<<20  # bytes: a replaced file at least this large is removed in the background
+
+def _set_aside(path:Path):
+    "A second, temporary name for the large file at `path`, so that replacing `path` frees nothing; None where there is none"
+    try: st = os.lstat(path)
+    except OSError: return None
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1 or st.st_size < _ASIDE_MIN: return None
+    old = temp_name(path)
+    try: os.link(path, old, follow_symlinks=False)
+    except OSError: return None  # no hard links here: the replace frees it
+    return old
+
+def _discard(old:Path):
+    "Remove `old` in a separate process, which neither this process nor its exit waits for (a thread where there is no `rm`)"
+    try: p = subprocess.Popen(['rm', '-f', '--', str(old)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError: p = None
+    # reap `rm` when it ends (no zombie in a long-lived kernel), or unlink here if it could not start
+    job = p.wait if p is not None else functools.partial(old.unlink, missing_ok=True)
+    threading.Thread(target=job, daemon=True, name='ckpt_avg-discard').start()
+
 def atomic_write(path, write, overwrite:bool=True)->dict:
     "Call `write(f)` on a temporary file next to `path`, sync it, then give it the name `path`; return its size and hash"
     path = Path(path)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists; pass another name or overwrite=True")
-    tmp, w = None, None
+    tmp, w, old = None, None, None
     try:
         tmp, f = _open_temp(path)
         with f:  # the temporary stays open, and locked, until it has its real name
             w = _HashingWriter(f)
             write(w)
             _fsync_file(f)
-            if overwrite: os.replace(tmp, path)
+            if overwrite:
+                old = _set_aside(path)
+                os.replace(tmp, path)
             else: _link_into_place(tmp, path)
         _fsync_folder(path.parent)
     except BaseException as e:
         if tmp is not None: tmp.unlink(missing_ok=True)
+        if old is not None: old.unlink(missing_ok=True)  # `path` still names the file (or the new one does)
         # torch.save reports a failed write (a full disk) as a RuntimeError; give the caller the OSError it can act on
         if w is not None and w.error is not None and not isinstance(e, OSError): raise w.error from e
         raise
+    if old is not None: _discard(old)
     return dict(bytes=w.n, hash=f'{HASH_NAME}:{w.h.hexdigest()}')
 
 # %% ../nbs/00_files.ipynb #c1a9e1bd

@@ -1,0 +1,155 @@
+"The output's write path: averaging overlapped with writing, writeback started as the file grows, a replaced file removed off the critical path"
+import errno, os, threading, time
+from pathlib import Path
+import pytest, torch
+import ckpt_avg.files as files
+from ckpt_avg.files import atomic_write, clean_stale_temps
+from ckpt_avg.core import average_checkpoints, average_to_file
+
+
+def big(path, byte:int, mb:int=70):
+    "A file of `mb` MiB of `byte` at `path`: above the size from which a replaced file is set aside"
+    data = bytes([byte]) * (mb << 20)
+    path.write_bytes(data)
+    return data
+
+def gone(path, timeout=10):
+    end = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < end: time.sleep(0.02)
+    return not path.exists()
+
+
+def test_replacing_a_large_file_frees_nothing_on_the_way_and_removes_it_after(tmp_path, monkeypatch):
+    out = tmp_path/'avg.pth'
+    old = big(out, 1)
+    inode = os.stat(out).st_ino
+    aside = []
+    monkeypatch.setattr(files, '_discard', aside.append)
+    new = bytes([2]) * (70 << 20)
+    atomic_write(out, lambda f: f.write(new))
+    assert out.read_bytes() == new
+    # the replaced file still had a second name when the new one took `out`: the rename freed nothing
+    assert len(aside) == 1 and aside[0].parent == tmp_path and aside[0].name.startswith('.avg.pth.') and aside[0].name.endswith('.tmp')
+    assert os.stat(aside[0]).st_ino == inode and aside[0].read_bytes() == old
+    monkeypatch.undo()
+    files._discard(aside[0])  # the real one: removed by another process, which this one does not wait for
+    assert gone(aside[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['avg.pth']
+
+
+def test_small_files_links_and_symlinks_are_replaced_as_before(tmp_path, monkeypatch):
+    aside = []
+    monkeypatch.setattr(files, '_discard', aside.append)
+    small = tmp_path/'manifest.json'; small.write_bytes(b'{}')
+    atomic_write(small, lambda f: f.write(b'[]'))
+    linked, other = tmp_path/'a.pth', tmp_path/'b.pth'
+    old = big(linked, 1); os.link(linked, other)
+    atomic_write(linked, lambda f: f.write(b'new'))
+    target, sym = tmp_path/'target.pth', tmp_path/'sym.pth'
+    big(target, 3); sym.symlink_to(target)
+    atomic_write(sym, lambda f: f.write(b'new'))
+    assert aside == []  # nothing to free: small, or the old file keeps another name
+    assert small.read_bytes() == b'[]' and linked.read_bytes() == b'new' and other.read_bytes() == old
+    assert not sym.is_symlink() and sym.read_bytes() == b'new' and target.read_bytes()[:1] == bytes([3])
+
+
+def test_a_failed_replace_keeps_the_old_file_and_leaves_no_second_name(tmp_path, monkeypatch):
+    out = tmp_path/'avg.pth'
+    old = big(out, 1)
+    def refuse(src, dst): raise OSError(errno.EIO, 'I/O error')
+    monkeypatch.setattr(os, 'replace', refuse)
+    with pytest.raises(OSError, match='I/O error'): atomic_write(out, lambda f: f.write(b'new'))
+    assert out.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['avg.pth']
+
+
+def test_a_second_name_left_by_a_killed_writer_is_cleaned_and_never_the_only_copy(tmp_path):
+    out = tmp_path/'avg.pth'
+    old = big(out, 1)
+    left = tmp_path/f'.avg.pth.{files._machine()}-999999999-00ff00ff.tmp'  # as _set_aside names it, in a process now gone
+    os.link(out, left)
+    assert clean_stale_temps(tmp_path) == [left]
+    assert out.read_bytes() == old
+
+
+@pytest.mark.skipif(files._sync_file_range() is None, reason="sync_file_range is Linux's")
+def test_long_writes_start_their_writeback_as_they_go(tmp_path, monkeypatch):
+    calls, out = [], tmp_path/'avg.bin'
+    def record(fd, offset, n, flags):
+        calls.append((offset, n, flags, os.fstat(fd).st_size))
+        return 0
+    monkeypatch.setattr(files, '_sync_file_range', lambda: record)
+    chunk = os.urandom(1 << 20)
+    def write(f):
+        for _ in range(100): f.write(chunk)
+    meta = atomic_write(out, write)
+    assert meta['bytes'] == 100 << 20 and out.stat().st_size == 100 << 20
+    assert len(calls) == 100 // 32  # every 32 MiB; the last part is left to the fsync
+    assert [c[0] for c in calls] == [i*(32 << 20) for i in range(len(calls))] and all(c[1] == 32 << 20 for c in calls)
+    assert all(c[2] == 2 and c[3] >= c[0] + c[1] for c in calls)  # SYNC_FILE_RANGE_WRITE, of bytes already in the file
+
+
+@pytest.mark.skipif(files._sync_file_range() is None, reason="sync_file_range is Linux's")
+def test_a_writeback_that_fails_costs_only_the_head_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, '_sync_file_range', lambda: lambda *a: -1)
+    data = os.urandom(80 << 20)
+    atomic_write(tmp_path/'a.bin', lambda f: f.write(data[:40 << 20]) and f.write(data[40 << 20:]))
+    assert (tmp_path/'a.bin').read_bytes() == data
+
+
+def ckpts(tmp_path, n=3, tensors=6, size=200_000):
+    fs = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        sd = {f'w{j}': torch.randn(size, generator=g) for j in range(tensors)}
+        sd['n'] = torch.tensor(i)
+        torch.save(sd, tmp_path/f'c{i}.pth'); fs.append(tmp_path/f'c{i}.pth')
+    return fs
+
+
+def test_the_next_tensor_is_averaged_while_this_one_is_written(tmp_path, monkeypatch):
+    fs = ckpts(tmp_path)
+    made, overlapped, cond = [], [], threading.Condition()
+    import ckpt_avg.core as core
+    real = core._average_tensor
+    def averaging(*a, **kw):
+        with cond: made.append(threading.current_thread().name); cond.notify_all()
+        return real(*a, **kw)
+    monkeypatch.setattr(core, '_average_tensor', averaging)
+    real_write = files._HashingWriter.write
+    def write(self, b):
+        if len(b) >= 800_000 and len(overlapped) < 5:  # tensor i (of 6) is being written: is tensor i+1 being averaged?
+            i = len(overlapped)
+            with cond: overlapped.append(cond.wait_for(lambda: len(made) >= i + 2, timeout=3))
+        return real_write(self, b)
+    monkeypatch.setattr(files._HashingWriter, 'write', write)
+    average_to_file(fs, tmp_path/'avg.pth')
+    monkeypatch.undo()
+    assert overlapped == [True]*5 and set(made) == {'ckpt_avg-average'}
+    ref = average_checkpoints(fs)
+    got = torch.load(tmp_path/'avg.pth', weights_only=True)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+class FullDisk:
+    "The temporary file of `atomic_write`, failing as a full disk does once `n` bytes were written"
+    def __init__(self, f, n): self.f, self.n = f, n
+    def write(self, b):
+        self.n -= len(b)
+        if self.n < 0: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(b)
+    def __getattr__(self, name): return getattr(self.f, name)
+    def __enter__(self): return self
+    def __exit__(self, *a): self.f.close()
+
+
+def test_a_failed_write_stops_the_averaging_thread_and_leaves_nothing(tmp_path, monkeypatch):
+    fs = ckpts(tmp_path)
+    real_open = files._open_temp
+    def open_full(path):
+        tmp, f = real_open(path)
+        return tmp, FullDisk(f, 2_000_000)
+    monkeypatch.setattr(files, '_open_temp', open_full)
+    with pytest.raises(OSError, match='No space'): average_to_file(fs, tmp_path/'avg.pth')
+    assert not any(t.name == 'ckpt_avg-average' for t in threading.enumerate())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['c0.pth', 'c1.pth', 'c2.pth']
