@@ -13,10 +13,11 @@ from .sharded import FOLDER_FORMATS, write_average_folder
 
 # %% auto #0
 __all__ = ['load_state', 'average_checkpoints', 'average_to_file', 'CheckpointError', 'normalised_weights', 'AveragePlan',
-           'plan_average', 'plan_entries']
+           'plan_average', 'plan_entries', 'check_device']
 
 # %% ../nbs/13_core.ipynb #ae1e701c
-_all_ = ['CheckpointError', 'normalised_weights', 'AveragePlan', 'plan_average', 'plan_entries']  # planned in `plan`, imported from here as before
+_all_ = ['CheckpointError', 'normalised_weights', 'AveragePlan', 'plan_average', 'plan_entries',  # planned in `plan`, imported from here as before
+         'check_device']  # from `kernels`: where `device=` averages
 
 def _owned(state:dict)->dict:
     "`state` copied out of its file's mapping, storage by storage, so that views and shared storages stay as they were"
