@@ -73,11 +73,17 @@ def _weights(args)->list|None:
     try: return [float(w) for w in args.weights.split(',')]
     except ValueError: args.parser.error(f"--weights {args.weights!r}: pass numbers separated by commas, one per checkpoint")
 
-def _plan(args):
+def _device(args):
+    "The GPU of --device, or `None` for the CPU; refused (code 2) before any file is read, by --dry-run too"
+    from ckpt_avg.kernels import check_device
+    try: return check_device(args.device, args.kernel)
+    except ValueError as e: args.parser.error(f"--device {args.device}: {e}")
+
+def _plan(args, device=None):
     "The plan of the command line's inputs, as the real run and `--dry-run` both make it"
     from ckpt_avg.plan import plan_average
-    plan = plan_average(_inputs(args), k=args.last, fname=args.fname, fit=args.fit, weights=_weights(args),
-                        format=args.input_format, strip_prefix=args.strip_prefix, kernel=args.kernel)
+    plan = plan_average(_inputs(args), k=args.last, fname=args.fname, fit=args.fit, weights=_weights(args), format=args.input_format,
+                        strip_prefix=args.strip_prefix, kernel=args.kernel if device is None else 'numpy')  # a GPU: no CPU kernel to load
     if args.last is not None and len(plan) < args.last:
         raise ValueError(f"--last {args.last} asks for more checkpoints than the {len(plan)} available; pass --last {len(plan)} or less")
     if args.output is not None:
@@ -111,16 +117,17 @@ def _out_format(args, plan)->str:
 
 def _average(args)->int:
     if args.output is None and not args.dry_run: args.parser.error("pass -o/--output FILE for the average, or --dry-run to only list the inputs")
-    plan, out = _plan(args), args.output
+    device = _device(args)
+    plan, out = _plan(args, device), args.output
     fmt = _out_format(args, plan)
     if args.dry_run:
         print(plan.describe())
-        print(f"would average these {len(plan)} checkpoints" + (f" into {out} ({fmt})" if out else ''))
+        print(f"would average these {len(plan)} checkpoints" + (f" into {out} ({fmt})" if out else '') + (f" on {device}" if device else ''))
         return 0
     import torch
     from ckpt_avg.core import average_to_file
     if args.threads: torch.set_num_threads(args.threads)
-    meta = average_to_file(plan, out, fmt, overwrite=args.force, progress=not args.quiet and _live_bar(), max_shard_size=args.max_shard_size)
+    meta = average_to_file(plan, out, fmt, overwrite=args.force, progress=not args.quiet and _live_bar(), max_shard_size=args.max_shard_size, device=args.device)
     _record(plan, out, args.fit, meta)
     if not args.quiet: print(f"averaged {plan.summary()} into {out} ({fmt}, {meta['tensors']} tensors, {_size(meta['bytes'])})")
     return 0
@@ -153,6 +160,9 @@ def _add_average(sub):
                    help="'numba': one compiled pass, within ~10%% of a float32 accumulator's time (needs numba; ~0.5 s to load); 'numpy': "
                         "two passes, nothing to load; 'auto': numba if installed and the inputs are large enough to pay for "
                         "loading it. The same result every way (default: %(default)s)")
+    p.add_argument('--device', default='cpu', metavar='DEVICE',
+                   help="where the arithmetic runs: 'cpu', or a GPU, 'cuda' or 'cuda:N': the inputs are streamed to it and summed "
+                        "there in float64, the same result; with a GPU, leave --kernel auto (default: %(default)s)")
     p.add_argument('-q', '--quiet', action='store_true', help='print nothing but errors, no progress bar')
     p.set_defaults(run=_average, parser=p)
 

@@ -9,15 +9,16 @@ from fastcore.meta import delegates
 import torch
 from .formats import CheckpointError, read_checkpoint, write_stream
 from .plan import AveragePlan, plan_average, plan_entries, normalised_weights, _mismatch
-from .kernels import _average_tensor, _kernel
+from .kernels import _average_tensor, _kernel, _DeviceAverage, check_device
 from .sharded import FOLDER_FORMATS, write_average_folder
 
 # %% auto #0
 __all__ = ['load_state', 'average_checkpoints', 'average_to_file', 'CheckpointError', 'normalised_weights', 'AveragePlan',
-           'plan_average', 'plan_entries']
+           'plan_average', 'plan_entries', 'check_device']
 
 # %% ../nbs/13_core.ipynb #ae1e701c
-_all_ = ['CheckpointError', 'normalised_weights', 'AveragePlan', 'plan_average', 'plan_entries']  # planned in `plan`, imported from here as before
+_all_ = ['CheckpointError', 'normalised_weights', 'AveragePlan', 'plan_average', 'plan_entries',  # planned in `plan`, imported from here as before
+         'check_device']  # from `kernels`: where `device=` averages
 
 def _owned(state:dict)->dict:
     "`state` copied out of its file's mapping, storage by storage, so that views and shared storages stay as they were"
@@ -53,8 +54,10 @@ def _progress(keys, show):
 _SELECTION = ('k', 'fname', 'fit', 'weights', 'format', 'strip_prefix')  # what `average_*` pass on to `plan_average`
 _by_selection = delegates(plan_average, but=['inputs', 'skip_corrupt', 'kernel'])  # the signature and docs of `**kwargs`
 
-def _as_plan(files, kernel:str, selection:dict)->tuple:
-    "(plan, kernel): `files` planned with `selection`, or `files` itself if it is a plan (then with nothing to select)"
+def _as_plan(files, kernel:str, selection:dict, device=None)->tuple:
+    "(plan, kernel, device): `files` planned with `selection`, or `files` itself if it is a plan (then with nothing to select)"
+    device = check_device(device, kernel)  # before any file is read
+    if device is not None: kernel = 'numpy'  # a device has its own kernel: the plan loads none
     if unknown := sorted(set(selection) - set(_SELECTION)): raise TypeError(f"unexpected keyword argument {unknown[0]!r}; pass what plan_average takes: {', '.join(_SELECTION)}")
     if not isinstance(files, AveragePlan): plan = plan_average(files, kernel=kernel, **selection)
     else:
@@ -62,18 +65,22 @@ def _as_plan(files, kernel:str, selection:dict)->tuple:
         if given := [k for k, v in selection.items() if (v != 'ckpt' if k == 'fname' else v is not None)]:
             raise TypeError(f"{', '.join(given)}= choose what a plan averages: pass them to plan_average, not with a plan")
         if not plan.files: raise CheckpointError("this plan holds no checkpoints (each failed its check): nothing to average")
-    return plan, (plan.kernel if kernel == 'auto' else _kernel(kernel, plan.checkpoints, plan.weights, 1<<18))
+    if device is not None: return plan, kernel, device
+    return plan, (plan.kernel if kernel == 'auto' else _kernel(kernel, plan.checkpoints, plan.weights, 1<<18)), None
 
-def _averages(plan:AveragePlan, kernel:str, *, chunk:int, dst=lambda key: None, progress=False):
-    "Yield (key, average) tensor by tensor, into `dst(key)` when it gives a tensor; integer tensors: the newest file's, as mapped"
+def _averages(plan:AveragePlan, kernel:str, device=None, *, chunk:int, dst=lambda key: None, progress=False):
+    "Yield (key, average) tensor by tensor, into `dst(key)` when it gives a tensor, on `device` if given; integer tensors: the newest file's, as mapped"
     ckpts = plan.checkpoints
     states, release = [c.state for c in ckpts], [c.release for c in ckpts]
     buffers = {}  # the float64 scratch, shared by all tensors: fresh buffers per tensor would page-fault every time
+    on_device = None if device is None else _DeviceAverage(device, plan.weights, len(ckpts))  # its buffers too
     for key in _progress(list(states[0]), progress):
         with torch.no_grad():  # around each tensor, never around a `yield`: the caller's grad mode is its own, also if it stops early
             srcs = [c.tensor(key) for c in ckpts]  # a DCP checkpoint reads it now
             float_ = srcs[0].is_floating_point() or srcs[0].is_complex()
-            t = _average_tensor(srcs, plan.weights, chunk, out=dst(key), release=release, buffers=buffers, kernel=kernel) if float_ else srcs[-1]
+            if not float_: t = srcs[-1]
+            elif on_device: t = on_device(srcs, out=dst(key), release=release)
+            else: t = _average_tensor(srcs, plan.weights, chunk, out=dst(key), release=release, buffers=buffers, kernel=kernel)
         yield key, t
         for c, s in zip(ckpts, srcs): c.release(s)
 
@@ -86,20 +93,21 @@ def average_checkpoints(
     chunk:int=1<<18,     # elements per float64 scratch chunk
     progress:bool=False, # show a fastprogress bar over the tensors
     kernel:str='auto',   # 'numba': one compiled pass (needs numba); 'numpy': two numpy passes; 'auto': numba where it pays off (a plan's choice). Same bits
+    device='cpu',        # where the arithmetic runs: 'cpu', or 'cuda'/'cuda:N' (inputs streamed to the GPU, summed there in float64); same bits, result on the CPU
     **kwargs,
 )->dict: # name -> the averaged tensor; the selection arguments (`k` ... `strip_prefix`) are `plan_average`'s
     "Exact mean (or weighted mean) of the model weights in `files`, as a new state dict on the CPU (or in `into`)"
-    plan, kernel = _as_plan(files, kernel, kwargs)
+    plan, kernel, device = _as_plan(files, kernel, kwargs, device)
     last = plan.checkpoints[-1].state
-    if into is None: return {key: t.clone() if t is last[key] else t for key, t in _averages(plan, kernel, chunk=chunk, progress=progress)}
+    if into is None: return {key: t.clone() if t is last[key] else t for key, t in _averages(plan, kernel, device, chunk=chunk, progress=progress)}
     _check_into(into, plan.checkpoints[0].state)
     direct = lambda key: into[key] if into[key].device.type == 'cpu' and into[key].is_contiguous() else None
     with torch.no_grad():
-        for key, t in _averages(plan, kernel, chunk=chunk, dst=direct, progress=progress):
+        for key, t in _averages(plan, kernel, device, chunk=chunk, dst=direct, progress=progress):
             if t is not into[key]: into[key].copy_(t)
     return into
 
-# %% ../nbs/13_core.ipynb #805d5a15
+# %% ../nbs/13_core.ipynb #6344a150
 def _ahead(items, slots:int=2):
     "Iterate `items` on a thread, at most `slots-1` items ahead: the caller's work on one item overlaps making the next"
     got, free, stop = queue.SimpleQueue(), threading.Semaphore(slots), threading.Event()
@@ -136,11 +144,12 @@ def average_to_file(
     chunk:int=1<<18,     # elements per float64 scratch chunk
     progress:bool=False, # show a fastprogress bar over the tensors
     kernel:str='auto',   # as in `average_checkpoints`
+    device='cpu',        # as in `average_checkpoints`: 'cpu', or 'cuda'/'cuda:N'
     max_shard_size='5GB', # with out_format='sharded': bytes per shard at most (an int, or '5GB', '500MB')
     **kwargs,
 )->dict: # the output's `bytes` and `hash`, its number of `tensors`, the input `files`
     "Write the exact mean of the weights in `files` to `output`, atomically; return its size, hash and number of tensors"
-    plan, kernel = _as_plan(files, kernel, kwargs)
+    plan, kernel, device = _as_plan(files, kernel, kwargs, device)
     plan.check_output(output, overwrite, folder=out_format in FOLDER_FORMATS)
     state = plan.checkpoints[0].state
     spec = {key: (t.dtype, tuple(t.shape)) for key, t in state.items()}
@@ -149,7 +158,7 @@ def average_to_file(
     def dst(key):
         buf, used[0] = bufs[used[0] % 2], used[0] + 1
         return buf[:state[key].numel()*state[key].element_size()].view(state[key].dtype).view(state[key].shape)
-    items = _ahead(_averages(plan, kernel, chunk=chunk, dst=dst, progress=progress))
+    items = _ahead(_averages(plan, kernel, device, chunk=chunk, dst=dst, progress=progress))
     try:
         if out_format in FOLDER_FORMATS: meta = write_average_folder(plan, spec, items, output, out_format, overwrite=overwrite, max_shard_size=max_shard_size)
         else: meta = write_stream(spec, items, output, out_format, overwrite)

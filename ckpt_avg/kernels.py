@@ -5,10 +5,10 @@
 # %% ../nbs/11_kernels.ipynb #12ac1a1c
 from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
-import importlib.util, sys, warnings, numpy as np, torch
+import contextlib, importlib.util, sys, warnings, numpy as np, torch
 
 # %% auto #0
-__all__ = []
+__all__ = ['check_device']
 
 # %% ../nbs/11_kernels.ipynb #f1ee6961
 _WINDOW = 4<<20
@@ -141,3 +141,106 @@ def _kernel(kernel, ckpts, weights, chunk:int)->str:
     if kernel == 'numba': raise ValueError(why)
     warnings.warn(f"kernel='auto' chose numba, which is installed but could not load; averaging with numpy instead. {why}")
     return 'numpy'
+
+# %% ../nbs/11_kernels.ipynb #055e6fc2
+_DEVICES = "'cpu' (the default) or a CUDA GPU, 'cuda' or 'cuda:N'"
+_STAGE_ON_CPU = False  # tests only: device='cpu' runs the device pipeline below on the CPU instead of the CPU engine
+
+def check_device(
+    device='cpu',      # where to average: 'cpu' (or `None`), 'cuda', 'cuda:N', or a `torch.device`
+    kernel:str='auto', # the kernel asked for: a device has its own, so only 'auto' goes with one
+)->torch.device|None: # `None`: the CPU engine; else the CUDA device that will average
+    "Check `device` before anything is read: refuse an unknown device, a GPU that is not there, a CPU kernel with a GPU"
+    try: d = torch.device('cpu' if device is None else device)
+    except (RuntimeError, TypeError, ValueError): d = None
+    if d is None or d.type not in ('cpu', 'cuda'): raise ValueError(f"device={device!r}: averaging runs on {_DEVICES}")
+    if d.type == 'cpu': return d if _STAGE_ON_CPU else None
+    if kernel != 'auto':
+        raise ValueError(f"kernel={kernel!r} is a CPU kernel, and device={device!r} averages with its own (float64 torch "
+                         "operations on the GPU); leave kernel='auto', the default, or pass device='cpu'")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch sees no CUDA GPU here (torch.cuda.is_available() is False); leave "
+                         "device='cpu', the default, or run where a GPU is visible")
+    n = torch.cuda.device_count()
+    if d.index is not None and d.index >= n:
+        raise ValueError(f"device={device!r}, but this machine has {n} CUDA GPU{'s'*(n != 1)}: pass 'cuda:0'"
+                         + (f" to 'cuda:{n-1}'" if n > 1 else ''))
+    return torch.device('cuda', torch.cuda.current_device() if d.index is None else d.index)
+
+# %% ../nbs/11_kernels.ipynb #9cf6af7c
+_DEVICE_WINDOW = 1<<21  # elements per transfer: 8 MB of float32, a 16 MB float64 accumulator on the device
+
+class _Staging:
+    "The CUDA calls of the device pipeline, and only they: pinned memory, a side stream, events; on the CPU, none of them"
+    def __init__(self, device:torch.device):
+        self.device, self.cuda = device, device.type == 'cuda'
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        if self.cuda: self.stream.wait_stream(torch.cuda.current_stream(device))  # after the work queued before us
+    def host(self, nbytes:int): return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+    def on_stream(self): return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+    def mark(self):
+        "An event after the work queued so far; `None` on the CPU, where that work is done already"
+        if not self.cuda: return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+    def wait(self, event):
+        if event is not None: event.synchronize()
+
+class _DeviceAverage:
+    "Exact means on `device`: each source read into one of two pinned buffers, sent on, summed there in float64, rounded once"
+    def __init__(self, device:torch.device, weights, k:int, window:int=None):
+        self.sync, self.weights, self.ws = _Staging(device), weights, weights or [None]*k
+        self.window, self.buffers, self.sent, self.pending = window or _DEVICE_WINDOW, {}, [None, None], None
+        # K and 1/K as tensors on the device: torch's CUDA division by a Python number multiplies by its reciprocal (not always
+        # the bits of a division), and numpy divides a complex number by K as a multiplication by 1/K, which we copy
+        with self.sync.on_stream(): self.divisor, self.inverse = torch.tensor([float(k), 1/k], dtype=torch.float64, device=device)
+
+    def _buffer(self, role:str, dtype, host:bool=False):
+        "A `window`-element buffer of `dtype` for `role`, pinned on the host or on the device, made once and reused for every tensor"
+        if (role, dtype) not in self.buffers:
+            nbytes = self.window * dtype.itemsize
+            raw = self.sync.host(nbytes) if host else torch.empty(nbytes, dtype=torch.uint8, device=self.sync.device)
+            self.buffers[role, dtype] = raw.view(dtype)
+        return self.buffers[role, dtype]
+
+    def _finish(self):
+        "Wait for the result queued last to land in pinned memory, then copy it to its place"
+        if self.pending is None: return
+        dst, back, event = self.pending
+        self.sync.wait(event)
+        dst.copy_(back)
+        self.pending = None
+
+    def __call__(self, srcs, out=None, release=None):
+        "The exact (weighted) mean of the same-shaped CPU tensors `srcs`, in their dtype, into the CPU tensor `out` if given"
+        if out is None: out = torch.empty(srcs[0].shape, dtype=srcs[0].dtype)
+        dtype, n = out.dtype, out.numel()
+        wide = torch.complex128 if dtype.is_complex else _ACC
+        flat, dst = [s.reshape(-1) for s in srcs], out.view(-1)
+        with self.sync.on_stream():
+            acc, tmp, raw, res = self._buffer('acc', wide), self._buffer('tmp', wide), self._buffer('raw', dtype), self._buffer('res', dtype)
+            stage, back = [self._buffer(f'stage{b}', dtype, host=True) for b in (0, 1)], self._buffer('back', dtype, host=True)
+            step = 0
+            for i in range(0, n, self.window):
+                m = min(self.window, n-i)
+                for s, (x, w) in enumerate(zip(flat, self.ws)):
+                    b, step = step % 2, step + 1
+                    self.sync.wait(self.sent[b])  # the copy that last read this staging buffer is done
+                    stage[b][:m].copy_(x[i:i+m])  # the read, from the file's pages, while the device works on the other buffer
+                    if release: release[s](x[i:i+m])
+                    raw[:m].copy_(stage[b][:m], non_blocking=True)
+                    self.sent[b] = self.sync.mark()
+                    # the CPU engine's operations in its order: convert, scale, add; no fused multiply-add, so the same bits
+                    a = acc[:m] if s == 0 else tmp[:m]
+                    a.copy_(raw[:m])
+                    if w is not None: a.mul_(w)
+                    if s: acc[:m].add_(a)
+                if not self.weights and wide.is_complex: torch.view_as_real(acc[:m]).mul_(self.inverse)
+                elif not self.weights: acc[:m].div_(self.divisor)
+                res[:m].copy_(acc[:m])  # rounded once, to the tensor's dtype
+                self._finish()          # the previous window's result, while this one's is under way
+                back[:m].copy_(res[:m], non_blocking=True)
+                self.pending = (dst[i:i+m], back[:m], self.sync.mark())
+            self._finish()
+        return out
