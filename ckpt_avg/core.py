@@ -107,7 +107,7 @@ def average_checkpoints(
             if t is not into[key]: into[key].copy_(t)
     return into
 
-# %% ../nbs/13_core.ipynb #6344a150
+# %% ../nbs/13_core.ipynb #2006e64e
 def _ahead(items, slots:int=2):
     "Iterate `items` on a thread, at most `slots-1` items ahead: the caller's work on one item overlaps making the next"
     got, free, stop = queue.SimpleQueue(), threading.Semaphore(slots), threading.Event()
