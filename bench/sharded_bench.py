@@ -1,22 +1,29 @@
-"""Average K sharded safetensors folders: ckpt_avg against a plain per-shard safetensors loop (and mergekit, if installed).
+"""Average K sharded safetensors folders: ckpt_avg against a plain per-shard safetensors loop and mergekit's linear merge.
 
-A llama-shaped layer stack at reduced width (bf16, several shards per checkpoint) is written to a temporary folder; each
-method runs in a fresh process that reports its wall time and its peak resident memory past what it held after its
-imports (the peak is reset there through /proc/self/clear_refs, so `import torch` is not counted). Files are in the
-page cache for every method (each run reads what the previous read). Linux only.
+A llama-shaped layer stack at reduced width (bf16, several shards per checkpoint, a LlamaConfig config.json) is written
+to a temporary folder; each method runs in a fresh process, `--repeat` rounds taken in turn, medians reported. Two
+measures:
 
-    PYTHONPATH=. python bench/sharded_bench.py [--layers 6] [--width 1024] [--k 3] [--shard-mb 60]
+- past imports: each child reports its wall time and its peak resident memory past what it held after its imports (the
+  peak is reset there through /proc/self/clear_refs). For mergekit this is a second run: its interpreter (the one
+  `mergekit-yaml` names on its first line) imports `mergekit.scripts.run_yaml`, resets the peak, then calls its `main`
+  with the same arguments, which is what `mergekit-yaml` runs;
+- whole process: wall time from start to exit and `ru_maxrss` from `wait4` (the `mergekit-yaml` command itself for
+  mergekit), taken by a small runner process started before this one grew (a child's `ru_maxrss` counts the process it
+  was forked from); next to each, the same of its imports alone (`python -c "import ..."`, `mergekit-yaml --help`).
+  "Whole minus imports" reads low for memory: an import's own transient peak hides whatever stays under it.
+
+Files are in the page cache for every method (each run reads what the previous read). Linux only.
+
+    PYTHONPATH=. python bench/sharded_bench.py [--layers 6] [--width 1024] [--k 3] [--shard-mb 60] [--mergekit PATH]
 """
-import argparse, json, os, re, shutil, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 
-PRELUDE = r"""
-import re, sys, time
-from pathlib import Path
-import torch
-from safetensors.torch import load_file, save_file
+IMPORTS = "import re, sys, time\nfrom pathlib import Path\nimport torch\nfrom safetensors.torch import load_file, save_file\n"
+PRELUDE = IMPORTS + r"""
 status = lambda f: int(re.search(f + r':\s+(\d+) kB', Path('/proc/self/status').read_text()).group(1)) * 1024
 Path('/proc/self/clear_refs').write_text('5')
 base, t0 = status('VmRSS'), time.perf_counter()
@@ -42,7 +49,27 @@ for name in sorted(set(index['weight_map'].values())):
 shutil.copy(ins[0]/'model.safetensors.index.json', out)
 """
 
+# mergekit's README: `mergekit-yaml config.yml out [--cuda] [--lazy-unpickle] [--allow-crimes]`; CPU here, no tokenizer
 MERGEKIT_YAML = "merge_method: linear\ndtype: bfloat16\nmodels:\n{models}"
+MERGEKIT_MODEL = "  - model: {path}\n    parameters:\n      weight: 1.0\n"
+MERGEKIT_OPTIONS = ['--no-cuda', '--lazy-unpickle', '--no-copy-tokenizer', '--quiet']
+MERGEKIT_PAST = """
+import re, sys, time
+from pathlib import Path
+from mergekit.scripts.run_yaml import main
+status = lambda f: int(re.search(f + r':\\s+(\\d+) kB', Path('/proc/self/status').read_text()).group(1)) * 1024
+Path('/proc/self/clear_refs').write_text('5')
+base, t0 = status('VmRSS'), time.perf_counter()
+main(args=sys.argv[1:], standalone_mode=False)
+""" + CODA
+
+
+def llama_config(layers, width, inter, vocab):
+    "A LlamaConfig's config.json for these shapes (mergekit reads the architecture and layer count from it)"
+    return {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_size': width, 'intermediate_size': inter,
+            'num_hidden_layers': layers, 'num_attention_heads': width // 64, 'num_key_value_heads': width // 64,
+            'vocab_size': vocab, 'max_position_embeddings': 2048, 'rms_norm_eps': 1e-5, 'hidden_act': 'silu',
+            'tie_word_embeddings': False, 'torch_dtype': 'bfloat16'}
 
 
 def make_model(folder, seed, layers, width, shard_mb):
@@ -62,55 +89,112 @@ def make_model(folder, seed, layers, width, shard_mb):
     spec = {k: (torch.bfloat16, s) for k, s in shapes.items()}
     items = ((k, torch.randn(s, generator=g).bfloat16()) for k, s in shapes.items())
     write_sharded(spec, items, folder, max_shard_size=shard_mb * 10**6)
-    (folder/'config.json').write_text(json.dumps({'architectures': ['LlamaForCausalLM'], 'hidden_size': width}))
+    if not (folder/'config.json').exists(): (folder/'config.json').write_text(json.dumps(llama_config(layers, width, inter, vocab), indent=2))
     return sum(2 * torch.Size(s).numel() for s in shapes.values())
 
 
-def run(code, args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, '-c', PRELUDE + code + CODA, *map(str, args)], capture_output=True, text=True, env=env)
-    if r.returncode: raise RuntimeError(r.stderr[-2000:])
-    seconds, peak = r.stdout.split()[-2:]
-    return float(seconds), int(peak)
+RUNNER = r'''
+import json, os, subprocess, sys, tempfile, time
+for line in sys.stdin:
+    cmd, env = json.loads(line)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # files, not pipes: wait4 must reap the child
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t
+        text = [(f.seek(0), f.read().decode(errors='replace')[-2000:])[1] for f in (out, err)]
+    print(json.dumps([wall, ru.ru_maxrss*1024, os.waitstatus_to_exitcode(status), *text]), flush=True)
+'''
 
 
-def same_output(a, b):
-    import torch
+class Runner:
+    "Runs commands from a small process started before this one imports torch; returns (wall s, ru_maxrss bytes, stdout)"
+    def __init__(self):
+        self.p = subprocess.Popen([sys.executable, '-c', RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __call__(self, cmd, env):
+        self.p.stdin.write(json.dumps([cmd, env]) + '\n'); self.p.stdin.flush()
+        wall, rss, rc, out, err = json.loads(self.p.stdout.readline())
+        if rc: raise RuntimeError(f"{cmd[:3]} exited with {rc}: {err}")
+        return wall, rss, out
+
+
+def read_output(folder):
+    "name -> tensor of a sharded safetensors folder, through its index"
     from safetensors.torch import load_file
-    names = sorted(set(json.loads((a/'model.safetensors.index.json').read_text())['weight_map'].values()))
-    return all(torch.equal(x[k], y[k]) for n in names for x, y in [(load_file(a/n), load_file(b/n))] for k in x)
+    wm = json.loads((folder/'model.safetensors.index.json').read_text())['weight_map']
+    shards = {n: load_file(folder/n) for n in set(wm.values())}
+    return {k: shards[n][k] for k, n in wm.items()}
+
+
+def compare(a, b):
+    "(same keys and dtypes, bit-identical, max |a-b|, share of elements that differ) of two sharded outputs"
+    x, y = read_output(a), read_output(b)
+    if x.keys() != y.keys() or any(x[k].dtype != y[k].dtype for k in x): return False, False, float('nan'), float('nan')
+    diff = [(x[k].float() - y[k].float()).abs() for k in x]
+    n = sum(d.numel() for d in diff)
+    return True, all(not d.any() for d in diff), max(d.max().item() for d in diff), sum((d > 0).sum().item() for d in diff) / n
+
+
+def median(xs): return statistics.median(xs)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--layers', type=int, default=6); ap.add_argument('--width', type=int, default=1024)
     ap.add_argument('--k', type=int, default=3); ap.add_argument('--shard-mb', type=int, default=60)
-    ap.add_argument('--repeat', type=int, default=2)
+    ap.add_argument('--repeat', type=int, default=3, help='rounds; medians are reported')
+    ap.add_argument('--mergekit', default=shutil.which('mergekit-yaml'), help="mergekit's mergekit-yaml (default: the one on PATH)")
     a = ap.parse_args()
+    runner = Runner()  # before this process imports torch
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
     tmp = Path(tempfile.mkdtemp(prefix='sharded_bench_'))
     try:
         ins = [tmp/f'checkpoint-{i+1}' for i in range(a.k)]
         size = [make_model(d, i, a.layers, a.width, a.shard_mb) for i, d in enumerate(ins)][0]
         shards = len(list(ins[0].glob('*.safetensors')))
-        print(f"model: {a.layers} layers, width {a.width}, bf16, {size/1e6:.0f} MB in {shards} shards; K={a.k}; {sys.platform}, {os.cpu_count()} cpus")
-        methods = {'ckpt_avg average_to_file': CKPT_AVG.format(shard=f'{a.shard_mb}MB'), 'plain per-shard safetensors loop': PLAIN}
-        rows = {}
+        print(f"model: {a.layers} layers, width {a.width}, bf16, {size/1e6:.0f} MB in {shards} shards; K={a.k}; {sys.platform}, {os.cpu_count()} cpus; medians of {a.repeat} rounds")
+        py = lambda code, out: ([sys.executable, '-c', PRELUDE + code + CODA, *map(str, ins), str(out)], env)
+        # name: (the whole run, which prints its past-imports figures unless a third run does, its imports alone)
+        methods = {'ckpt_avg average_to_file': (lambda out: py(CKPT_AVG.format(shard=f'{a.shard_mb}MB'), out),
+                                                ([sys.executable, '-c', IMPORTS + 'import ckpt_avg.core'], env)),
+                   'plain per-shard safetensors loop': (lambda out: py(PLAIN, out), ([sys.executable, '-c', IMPORTS], env))}
+        if a.mergekit and Path(a.mergekit).exists():
+            (tmp/'merge.yml').write_text(MERGEKIT_YAML.format(models=''.join(MERGEKIT_MODEL.format(path=d) for d in ins)))
+            mk_env = {k: v for k, v in env.items() if k != 'PYTHONPATH'}
+            opts = MERGEKIT_OPTIONS + ['--out-shard-size', f'{a.shard_mb * 10**6 // 2}']  # parameters, bf16
+            mk_python = Path(a.mergekit).read_text(errors='replace').splitlines()[0].removeprefix('#!').strip()
+            mk_args = lambda out: [str(tmp/'merge.yml'), str(out), *opts]
+            methods['mergekit-yaml linear'] = (lambda out: ([a.mergekit, *mk_args(out)], mk_env), ([a.mergekit, '--help'], mk_env),
+                                               lambda out: ([mk_python, '-c', MERGEKIT_PAST, *mk_args(out)], mk_env))
+        else: print(f"mergekit: {a.mergekit or 'mergekit-yaml'} not found (pass --mergekit PATH), not measured")
+        rows, outs = {}, {}
         for r in range(a.repeat):
-            for i, (name, code) in enumerate(methods.items()):
+            for i, (name, (cmd, floor, *past)) in enumerate(methods.items()):
                 out = tmp/f'out_{i}_{r}'
-                rows.setdefault(name, []).append(run(code, ins + [out]))
-                if r == a.repeat - 1: rows[name + ' out'] = out
+                wall, rss, stdout = runner(*cmd(out))
+                fwall, frss, _ = runner(*floor)
+                if past:
+                    shutil.rmtree(out)
+                    stdout = runner(*past[0](out))[2]
+                rows.setdefault(name, []).append((*map(float, stdout.split()[-2:]), wall, rss, fwall, frss))
+                if r == a.repeat - 1: outs[name] = out
                 else: shutil.rmtree(out)
-        exact = same_output(rows['ckpt_avg average_to_file out'], rows['plain per-shard safetensors loop out'])
-        for name in methods:
-            secs, peaks = zip(*rows[name])
-            print(f"{name:34s} time {min(secs):6.2f} s (best of {a.repeat})   peak past imports {max(peaks)/1e6:7.0f} MB = {max(peaks)/size:.2f} x model")
-        print(f"outputs bit-identical: {exact}")
-        try:
-            import mergekit  # noqa: F401
-            print("mergekit is installed but not measured here: run `mergekit-yaml` with a linear merge on", ins)
-        except ImportError: print("mergekit: not installed, not measured")
-    finally: shutil.rmtree(tmp)
+        print(f"{'':34s} {'past imports':>24s} | {'whole process (ru_maxrss)':>26s} | {'imports only':>22s} | {'whole - imports':>22s}")
+        for name, rs in rows.items():
+            secs, peak, wall, rss, fwall, frss = map(median, zip(*rs))
+            print(f"{name:34s} {secs:6.2f} s {peak/1e6:6.0f} MB {peak/size:4.2f}x | {wall:6.2f} s {rss/1e6:6.0f} MB {' ':9s} | {fwall:6.2f} s {frss/1e6:6.0f} MB {' ':3s}"
+                  f" | {wall-fwall:6.2f} s {(rss-frss)/1e6:6.0f} MB {(rss-frss)/size:4.2f}x")
+        print(f"x: times the model's {size/1e6:.0f} MB")
+        ref = outs['ckpt_avg average_to_file']
+        for name, out in outs.items():
+            if out == ref: continue
+            keys, exact, worst, share = compare(ref, out)
+            print(f"{name} against ckpt_avg: same tensors and dtypes {keys}, bit-identical {exact}, max |difference| {worst:.3g}, elements that differ {share:.2e}")
+        if 'mergekit-yaml linear' in methods:
+            v = subprocess.run([str(Path(a.mergekit).parent/'python'), '-c', "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in ('mergekit', 'transformers', 'torch')), sep=', ')"],
+                               capture_output=True, text=True)
+            print(f"mergekit venv: {v.stdout.strip() or 'versions unknown'}; options: {' '.join(opts)}")
+    finally: shutil.rmtree(tmp); runner.p.stdin.close(); runner.p.wait()
 
 
 if __name__ == '__main__': main()

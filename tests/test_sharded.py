@@ -237,8 +237,8 @@ def peak_rss(*args):
 
 @pytest.mark.skipif(not Path('/proc/self/clear_refs').exists(), reason="needs Linux's /proc to reset the peak resident memory")
 def test_memory_stays_well_under_one_model(tmp_path):
-    # RLIMIT_AS cannot hold this: torch maps gigabytes of address space at import, and each input is mapped whole.
-    # The resident peak past the resident memory after `import torch` (peak reset there) is what the average keeps.
+    # The resident peak past the resident memory after `import torch` (peak reset there) is what the average keeps;
+    # the tests below hold the average to an enforced limit instead (RLIMIT_DATA, a memory cgroup).
     per_tensor, shards = 3_125_000, [[f'layers.{s}.{j}.weight' for j in range(4)] for s in range(4)]  # 16 x 12.5 MB = 200 MB
     folders = []
     for i in range(3):
@@ -251,6 +251,121 @@ def test_memory_stays_well_under_one_model(tmp_path):
     assert len(list((tmp_path/'avg').glob('*.safetensors'))) == 4
     print(f"model {model/1e6:.0f} MB, K=3: peak {peak/1e6:.0f} MB, import torch {base/1e6:.0f} MB, net {(peak-base)/model:.2f} x model")
     assert peak - base < 0.5 * model
+
+
+LIMITED = """
+import os, re, resource, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file
+from ckpt_avg.core import average_checkpoints, average_to_file, plan_average
+status = lambda field: int(re.search(field + r':\\s+(\\d+) kB', Path('/proc/self/status').read_text()).group(1)) * 1024
+limit, action, out, ins = sys.argv[1], sys.argv[2], Path(sys.argv[3]), [Path(a) for a in sys.argv[4:]]
+plan = plan_average(ins)  # maps every input whole, private and writable: RLIMIT_DATA counts that, so limits start here
+kind, value = limit.split(':', 1)
+if kind == 'data':
+    data = status('VmData') + int(value)  # from here on the process may take `value` more bytes
+    resource.setrlimit(resource.RLIMIT_DATA, (data, data))
+else:
+    for f in (p for d in ins for p in ([d] if d.is_file() else d.iterdir())):  # out of the page cache: read again, under the limit
+        fd = os.open(f, os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
+    Path(value, 'cgroup.procs').write_text(str(os.getpid()))
+try: exec(action)
+except (MemoryError, RuntimeError) as e: sys.exit(f"refused: {type(e).__name__}: {str(e).splitlines()[0]}")
+"""
+
+
+def under_limit(limit, action, out, inputs):
+    "A fresh process that plans `inputs`, is then held to `limit` ('data:BYTES' or 'cgroup:FOLDER') and runs `action`"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, '-c', LIMITED, limit, action, str(out), *map(str, inputs)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def big_model(seed, tensors=16, numel=1_000_000):
+    "16 x 4 MB float32 tensors: a 64 MB model"
+    g = torch.Generator().manual_seed(seed)
+    return {f'layers.{i}.weight': torch.randn(numel, generator=g) for i in range(tensors)}
+
+
+BIG_SHARDS = [[f'layers.{i}.weight' for i in range(s, s+4)] for s in range(0, 16, 4)]
+IN_MEMORY = "kept = average_checkpoints(plan)"  # the control: the same average, held in memory (one model of its own)
+SHARDED = "average_to_file(plan, out, out_format='sharded', max_shard_size='20MB')"
+
+
+@pytest.fixture(scope='module')
+def big_folders(tmp_path_factory):
+    "Three sharded safetensors folders of a 64 MB model, and the model's size"
+    tmp = tmp_path_factory.mktemp('big')
+    folders = [hf_folder(tmp/f'checkpoint-{i}', big_model(i), BIG_SHARDS) for i in range(3)]
+    return folders, sum(f.stat().st_size for f in folders[0].glob('*.safetensors'))
+
+
+def check_against_shards(got, folders):
+    "`got` equals the float64 mean of `folders`, computed shard by shard with the safetensors package"
+    for name in sorted(p.name for p in folders[0].glob('*.safetensors')):
+        ref = mean_of([load_file(f/name) for f in folders])
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="RLIMIT_DATA counts private writable mappings on Linux only")
+def test_average_under_a_data_limit_below_one_model(tmp_path, big_folders):
+    # RLIMIT_DATA (Linux >= 4.7) counts a process's private writable and anonymous memory, not read-only file mappings.
+    # Our readers map each input whole, privately and writable (as torch.load(mmap=True) does), so that counts too: the
+    # child plans first, then allows itself half a model more. RLIMIT_AS cannot be used: torch maps gigabytes at import.
+    folders, model = big_folders
+    limit = f'data:{model//2}'
+    r = under_limit(limit, IN_MEMORY, None, folders)
+    assert r.returncode == 1 and 'refused' in r.stderr, r.stderr
+    r = under_limit(limit, SHARDED, tmp_path/'avg', folders)
+    assert r.returncode == 0, r.stderr
+    check_against_shards(read_sharded(tmp_path/'avg')[0], folders)
+    r = under_limit(limit, "average_to_file(plan, out, out_format='safetensors')", tmp_path/'avg.safetensors', folders)
+    assert r.returncode == 0, r.stderr
+    check_against_shards(load_file(tmp_path/'avg.safetensors'), folders)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="RLIMIT_DATA counts private writable mappings on Linux only")
+def test_torch_files_under_a_data_limit_below_one_model(tmp_path):
+    states = [big_model(i) for i in range(3)]
+    files = [tmp_path/f'ckpt{i}.pth' for i in range(3)]
+    for s, f in zip(states, files): torch.save(s, f)
+    limit = f'data:{files[0].stat().st_size//2}'
+    r = under_limit(limit, IN_MEMORY, None, files)
+    assert r.returncode == 1 and 'refused' in r.stderr, r.stderr
+    r = under_limit(limit, "average_to_file(plan, out)", tmp_path/'avg.pth', files)
+    assert r.returncode == 0, r.stderr
+    assert same(torch.load(tmp_path/'avg.pth', weights_only=True), mean_of(states))
+
+
+@pytest.fixture
+def memory_cgroup():
+    "A fresh cgroup v1 memory group under this process's own, removed after the test; skips where none can be made"
+    lines = Path('/proc/self/cgroup').read_text().splitlines() if Path('/proc/self/cgroup').exists() else []
+    line = next((l for l in lines if 'memory' in l.split(':')[1].split(',')), None)
+    if line is None: pytest.skip("no cgroup v1 memory controller for this process (/proc/self/cgroup names none; v2 is not used here)")
+    parent = Path('/sys/fs/cgroup/memory', line.split(':', 2)[2].lstrip('/'))
+    group = parent/f'ckpt_avg_test_{os.getpid()}'
+    try: group.mkdir()
+    except OSError as e: pytest.skip(f"cannot create a memory cgroup in {parent}: {e.strerror} (needs root or a delegated cgroup)")
+    try:
+        (group/'memory.oom_control').write_text('0')  # a process over the limit is killed, never left waiting
+        yield group
+    finally: group.rmdir()
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="cgroups are Linux's")
+def test_average_in_a_memory_cgroup_below_one_model(tmp_path, memory_cgroup, big_folders):
+    # A cgroup counts file pages too but can reclaim them; anonymous memory it cannot (no swap), so a process that holds
+    # more than the limit of its own is killed. The child joins the group after its imports and its plan, with its inputs
+    # dropped from the page cache, so every byte it reads and writes passes through the limit of half a model.
+    folders, model = big_folders
+    (memory_cgroup/'memory.limit_in_bytes').write_text(str(model//2))
+    r = under_limit(f'cgroup:{memory_cgroup}', IN_MEMORY, None, folders)  # killed by the cgroup's OOM killer
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    (memory_cgroup/'memory.failcnt').write_text('0')
+    r = under_limit(f'cgroup:{memory_cgroup}', SHARDED, tmp_path/'avg', folders)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert int((memory_cgroup/'memory.failcnt').read_text()) > 0  # the average met the limit: pages were reclaimed as it went
+    check_against_shards(read_sharded(tmp_path/'avg')[0], folders)
 
 
 @pytest.mark.skipif(importlib.util.find_spec('numba') is None, reason='numba is not installed')
