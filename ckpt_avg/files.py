@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_files.ipynb #6aad95e5
 from __future__ import annotations
-import contextlib, errno, functools, glob, os, re, secrets, shutil, socket, stat, subprocess, sys, threading, time, warnings
+import contextlib, errno, functools, glob, os, re, secrets, shutil, socket, stat, subprocess, threading, time, warnings
 from pathlib import Path
 import xxhash
 try: import fcntl
@@ -27,33 +27,33 @@ def file_hash(path, chunk:int=1<<22)->str:
     return f'{HASH_NAME}:{h.hexdigest()}'
 
 # %% ../nbs/00_files.ipynb #2d660d67
-_WRITEBACK_EVERY = 32<<20  # bytes: how often a long write hands what it wrote so far to the disk
-
-@functools.cache
-def _sync_file_range():
-    "Linux's `sync_file_range`, which starts writing a range of a file to the disk and returns at once; None elsewhere"
-    if not sys.platform.startswith('linux'): return None
-    import ctypes
-    try: fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError): return None
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint], ctypes.c_int
-    return fn
+_SYNC_EVERY = 32<<20  # bytes: how often a long write syncs what it wrote so far, on a thread, while it goes on
+_fdatasync = getattr(os, 'fdatasync', os.fsync)  # the data (and the size), not the times; macOS has fsync only
 
 class _HashingWriter:
-    "A write-only file wrapper that counts and hashes every byte on its way to `f`, starts its writeback as it goes, and remembers a failed write"
-    def __init__(self, f): self.f,self.h,self.n,self.error,self.started = f,_new_hasher(),0,None,0
+    "A write-only file wrapper that counts and hashes every byte on its way to `f`, syncs behind itself, and remembers a failed write"
+    def __init__(self, f):
+        self.f,self.h,self.n,self.error = f,_new_hasher(),0,None
+        self.synced,self.syncing,self.sync_error = 0,None,None
     def write(self, b):
         self.h.update(b); self.n += len(b)
         res = self._do(self.f.write, b)
-        if self.n - self.started >= _WRITEBACK_EVERY: self._start_writeback()
+        if self.n - self.synced >= _SYNC_EVERY and not (self.syncing and self.syncing.is_alive()): self._sync_behind()
         return res
     def flush(self): self._do(self.f.flush)
-    def _start_writeback(self):
-        "Have the disk start on the bytes written so far, without waiting: the final fsync then has little left to do"
-        if (sfr := _sync_file_range()) is None: return
+    def _sync_behind(self):
+        "Sync the bytes written so far on a thread while the writing goes on: the last fsync then has little left to wait for"
         self.flush()
-        sfr(self.f.fileno(), self.started, self.n - self.started, 2)  # SYNC_FILE_RANGE_WRITE; a failure only loses the head start
-        self.started = self.n
+        self.synced, fd = self.n, self.f.fileno()
+        self.syncing = threading.Thread(target=self._sync, args=(fd,), daemon=True, name='ckpt_avg-sync')
+        self.syncing.start()
+    def _sync(self, fd):
+        try: _fdatasync(fd)
+        except OSError as e: self.sync_error = e  # raised by `synced_behind`: a later fsync may not report it again
+    def synced_behind(self):
+        "Wait for the sync on the thread, if any (before the file is synced last, or closed); raise its error"
+        if self.syncing is not None: self.syncing.join(); self.syncing = None
+        if self.sync_error is not None: self.error = self.sync_error; raise self.sync_error
     def _do(self, op, *args):
         try: return op(*args)
         except OSError as e: self.error = e; raise
@@ -129,7 +129,8 @@ def atomic_write(path, write, overwrite:bool=True)->dict:
         tmp, f = _open_temp(path)
         with f:  # the temporary stays open, and locked, until it has its real name
             w = _HashingWriter(f)
-            write(w)
+            try: write(w)
+            finally: w.synced_behind()  # never close the file under the thread that syncs it
             _fsync_file(f)
             if overwrite:
                 old = _set_aside(path)

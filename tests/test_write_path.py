@@ -72,29 +72,45 @@ def test_a_second_name_left_by_a_killed_writer_is_cleaned_and_never_the_only_cop
     assert out.read_bytes() == old
 
 
-@pytest.mark.skipif(files._sync_file_range() is None, reason="sync_file_range is Linux's")
-def test_long_writes_start_their_writeback_as_they_go(tmp_path, monkeypatch):
-    calls, out = [], tmp_path/'avg.bin'
-    def record(fd, offset, n, flags):
-        calls.append((offset, n, flags, os.fstat(fd).st_size))
-        return 0
-    monkeypatch.setattr(files, '_sync_file_range', lambda: record)
+def test_long_writes_sync_behind_themselves_and_the_last_fsync_after(tmp_path, monkeypatch):
+    calls, out, real = [], tmp_path/'avg.bin', files._fdatasync
+    def record(fd):
+        calls.append((threading.current_thread().name, os.fstat(fd).st_size))
+        real(fd)
+    monkeypatch.setattr(files, '_fdatasync', record)
+    fsyncs = []
+    monkeypatch.setattr(os, 'fsync', lambda fd: fsyncs.append(os.fstat(fd).st_size))
     chunk = os.urandom(1 << 20)
     def write(f):
-        for _ in range(100): f.write(chunk)
+        for _ in range(100): f.write(chunk); time.sleep(0.002)
     meta = atomic_write(out, write)
     assert meta['bytes'] == 100 << 20 and out.stat().st_size == 100 << 20
-    assert len(calls) == 100 // 32  # every 32 MiB; the last part is left to the fsync
-    assert [c[0] for c in calls] == [i*(32 << 20) for i in range(len(calls))] and all(c[1] == 32 << 20 for c in calls)
-    assert all(c[2] == 2 and c[3] >= c[0] + c[1] for c in calls)  # SYNC_FILE_RANGE_WRITE, of bytes already in the file
+    # synced on a thread while the writing went on, from 32 MiB; the file synced whole at the end, before its name
+    assert calls and all(name == 'ckpt_avg-sync' and 32 << 20 <= size < 100 << 20 for name, size in calls)
+    assert fsyncs[0] == 100 << 20
 
 
-@pytest.mark.skipif(files._sync_file_range() is None, reason="sync_file_range is Linux's")
-def test_a_writeback_that_fails_costs_only_the_head_start(tmp_path, monkeypatch):
-    monkeypatch.setattr(files, '_sync_file_range', lambda: lambda *a: -1)
+def test_a_failed_sync_behind_fails_the_write_and_leaves_nothing(tmp_path, monkeypatch):
+    def broken(fd): raise OSError(errno.EIO, 'I/O error')
+    monkeypatch.setattr(files, '_fdatasync', broken)
+    (tmp_path/'a.bin').write_bytes(b'old')
     data = os.urandom(80 << 20)
-    atomic_write(tmp_path/'a.bin', lambda f: f.write(data[:40 << 20]) and f.write(data[40 << 20:]))
-    assert (tmp_path/'a.bin').read_bytes() == data
+    with pytest.raises(OSError, match='I/O error'):
+        atomic_write(tmp_path/'a.bin', lambda f: f.write(data[:40 << 20]) and f.write(data[40 << 20:]))
+    assert (tmp_path/'a.bin').read_bytes() == b'old'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a.bin']
+    assert not any(t.name == 'ckpt_avg-sync' for t in threading.enumerate())
+
+
+def test_a_failed_write_waits_for_its_sync_before_closing_the_file(tmp_path, monkeypatch):
+    synced, real = [], files._fdatasync
+    def slow(fd): time.sleep(0.3); real(fd); synced.append(fd)  # EBADF here if the file were closed meanwhile
+    monkeypatch.setattr(files, '_fdatasync', slow)
+    def write(f):
+        f.write(os.urandom(40 << 20))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(OSError, match='No space'): atomic_write(tmp_path/'a.bin', write)
+    assert len(synced) == 1 and list(tmp_path.iterdir()) == []
 
 
 def ckpts(tmp_path, n=3, tensors=6, size=200_000):
