@@ -4,7 +4,6 @@
 
 # %% ../nbs/13_core.ipynb #f17aca89
 from __future__ import annotations
-import queue, threading
 from fastcore.meta import delegates
 import torch
 from .formats import CheckpointError, read_checkpoint, write_stream
@@ -107,32 +106,6 @@ def average_checkpoints(
             if t is not into[key]: into[key].copy_(t)
     return into
 
-# %% ../nbs/13_core.ipynb #2006e64e
-def _ahead(items, slots:int=2):
-    "Iterate `items` on a thread, at most `slots-1` items ahead: the caller's work on one item overlaps making the next"
-    got, free, stop = queue.SimpleQueue(), threading.Semaphore(slots), threading.Event()
-    def make():
-        it = iter(items)
-        try:
-            while free.acquire() and not stop.is_set(): got.put((True, next(it)))
-        except StopIteration: got.put((False, None))
-        except BaseException as e: got.put((False, e))
-        finally:
-            if hasattr(it, 'close'): it.close()
-    thread = threading.Thread(target=make, daemon=True, name='ckpt_avg-average')
-    thread.start()
-    try:
-        while True:
-            ok, x = got.get()
-            if not ok:
-                if x is None: return
-                raise x
-            yield x
-            free.release()  # the caller is done with x: its buffer may be reused
-    finally:
-        stop.set(); free.release()
-        thread.join()
-
 # %% ../nbs/13_core.ipynb #d6c94bde
 @_by_selection
 def average_to_file(
@@ -153,14 +126,9 @@ def average_to_file(
     plan.check_output(output, overwrite, folder=out_format in FOLDER_FORMATS)
     state = plan.checkpoints[0].state
     spec = {key: (t.dtype, tuple(t.shape)) for key, t in state.items()}
-    size = max((t.numel()*t.element_size() for t in state.values()), default=0)
-    bufs, used = [torch.empty(size, dtype=torch.uint8) for _ in range(2)], [0]  # `_ahead`: one written, one being made
-    def dst(key):
-        buf, used[0] = bufs[used[0] % 2], used[0] + 1
-        return buf[:state[key].numel()*state[key].element_size()].view(state[key].dtype).view(state[key].shape)
-    items = _ahead(_averages(plan, kernel, device, chunk=chunk, dst=dst, progress=progress))
-    try:
-        if out_format in FOLDER_FORMATS: meta = write_average_folder(plan, spec, items, output, out_format, overwrite=overwrite, max_shard_size=max_shard_size)
-        else: meta = write_stream(spec, items, output, out_format, overwrite)
-    finally: items.close()  # stops the averaging thread now, also when the write failed
+    buf = torch.empty(max((t.numel()*t.element_size() for t in state.values()), default=0), dtype=torch.uint8)
+    dst = lambda key: buf[:state[key].numel()*state[key].element_size()].view(state[key].dtype).view(state[key].shape)
+    items = _averages(plan, kernel, device, chunk=chunk, dst=dst, progress=progress)
+    if out_format in FOLDER_FORMATS: meta = write_average_folder(plan, spec, items, output, out_format, overwrite=overwrite, max_shard_size=max_shard_size)
+    else: meta = write_stream(spec, items, output, out_format, overwrite)
     return dict(meta, tensors=len(spec), files=plan.files)

@@ -1,10 +1,9 @@
-"The output's write path: averaging overlapped with writing, writeback started as the file grows, a replaced file removed off the critical path"
+"The write path of every file: synced behind itself as it grows, and a replaced large file removed off the critical path"
 import errno, os, threading, time
 from pathlib import Path
-import pytest, torch
+import pytest
 import ckpt_avg.files as files
 from ckpt_avg.files import atomic_write, clean_stale_temps
-from ckpt_avg.core import average_checkpoints, average_to_file
 
 
 def big(path, byte:int, mb:int=70):
@@ -111,61 +110,3 @@ def test_a_failed_write_waits_for_its_sync_before_closing_the_file(tmp_path, mon
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     with pytest.raises(OSError, match='No space'): atomic_write(tmp_path/'a.bin', write)
     assert len(synced) == 1 and list(tmp_path.iterdir()) == []
-
-
-def ckpts(tmp_path, n=3, tensors=6, size=200_000):
-    fs = []
-    for i in range(n):
-        g = torch.Generator().manual_seed(i)
-        sd = {f'w{j}': torch.randn(size, generator=g) for j in range(tensors)}
-        sd['n'] = torch.tensor(i)
-        torch.save(sd, tmp_path/f'c{i}.pth'); fs.append(tmp_path/f'c{i}.pth')
-    return fs
-
-
-def test_the_next_tensor_is_averaged_while_this_one_is_written(tmp_path, monkeypatch):
-    fs = ckpts(tmp_path)
-    made, overlapped, cond = [], [], threading.Condition()
-    import ckpt_avg.core as core
-    real = core._average_tensor
-    def averaging(*a, **kw):
-        with cond: made.append(threading.current_thread().name); cond.notify_all()
-        return real(*a, **kw)
-    monkeypatch.setattr(core, '_average_tensor', averaging)
-    real_write = files._HashingWriter.write
-    def write(self, b):
-        if len(b) >= 800_000 and len(overlapped) < 5:  # tensor i (of 6) is being written: is tensor i+1 being averaged?
-            i = len(overlapped)
-            with cond: overlapped.append(cond.wait_for(lambda: len(made) >= i + 2, timeout=3))
-        return real_write(self, b)
-    monkeypatch.setattr(files._HashingWriter, 'write', write)
-    average_to_file(fs, tmp_path/'avg.pth')
-    monkeypatch.undo()
-    assert overlapped == [True]*5 and set(made) == {'ckpt_avg-average'}
-    ref = average_checkpoints(fs)
-    got = torch.load(tmp_path/'avg.pth', weights_only=True)
-    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
-
-
-class FullDisk:
-    "The temporary file of `atomic_write`, failing as a full disk does once `n` bytes were written"
-    def __init__(self, f, n): self.f, self.n = f, n
-    def write(self, b):
-        self.n -= len(b)
-        if self.n < 0: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self.f.write(b)
-    def __getattr__(self, name): return getattr(self.f, name)
-    def __enter__(self): return self
-    def __exit__(self, *a): self.f.close()
-
-
-def test_a_failed_write_stops_the_averaging_thread_and_leaves_nothing(tmp_path, monkeypatch):
-    fs = ckpts(tmp_path)
-    real_open = files._open_temp
-    def open_full(path):
-        tmp, f = real_open(path)
-        return tmp, FullDisk(f, 2_000_000)
-    monkeypatch.setattr(files, '_open_temp', open_full)
-    with pytest.raises(OSError, match='No space'): average_to_file(fs, tmp_path/'avg.pth')
-    assert not any(t.name == 'ckpt_avg-average' for t in threading.enumerate())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['c0.pth', 'c1.pth', 'c2.pth']
