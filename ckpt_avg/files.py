@@ -49,11 +49,11 @@ class _HashingWriter:
         self.syncing.start()
     def _sync(self, fd):
         try: _fdatasync(fd)
-        except OSError as e: self.sync_error = e  # raised by `synced_behind`: a later fsync may not report it again
+        except OSError as e: self.sync_error = e  # raised by `atomic_write`: a later fsync may not report it again
     def synced_behind(self):
-        "Wait for the sync on the thread, if any (before the file is synced last, or closed); raise its error"
+        "Wait for the sync on the thread, if any (before the file is synced last, or closed); return its error"
         if self.syncing is not None: self.syncing.join(); self.syncing = None
-        if self.sync_error is not None: self.error = self.sync_error; raise self.sync_error
+        return self.sync_error
     def _do(self, op, *args):
         try: return op(*args)
         except OSError as e: self.error = e; raise
@@ -130,7 +130,8 @@ def atomic_write(path, write, overwrite:bool=True)->dict:
         with f:  # the temporary stays open, and locked, until it has its real name
             w = _HashingWriter(f)
             try: write(w)
-            finally: w.synced_behind()  # never close the file under the thread that syncs it
+            finally: failed = w.synced_behind()  # never close the file under the thread that syncs it
+            if failed: w.error = failed; raise failed  # a failed write's own error goes first
             _fsync_file(f)
             if overwrite:
                 old = _set_aside(path)

@@ -110,3 +110,13 @@ def test_a_failed_write_waits_for_its_sync_before_closing_the_file(tmp_path, mon
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     with pytest.raises(OSError, match='No space'): atomic_write(tmp_path/'a.bin', write)
     assert len(synced) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_reports_its_own_error_before_that_of_its_sync(tmp_path, monkeypatch):
+    def broken(fd): time.sleep(0.1); raise OSError(errno.EIO, 'I/O error')
+    monkeypatch.setattr(files, '_fdatasync', broken)
+    def write(f):
+        f.write(os.urandom(40 << 20))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(OSError, match='No space'): atomic_write(tmp_path/'a.bin', write)
+    assert list(tmp_path.iterdir()) == []
