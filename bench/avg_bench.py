@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch
+from runner import Runner
 
 NAIVE = r'''
 import sys, torch
@@ -88,33 +89,6 @@ def make_set(folder, mb, k, dtype, with_opt):
         files.append(folder/f'ckpt_{i:02d}.pth')
         _save_with_opt(files[-1], model, opt)
     return files, sum(v.numel()*v.element_size() for v in model.state_dict().values())
-
-
-RUNNER = r'''
-import json, os, subprocess, sys, time
-for line in sys.stdin:
-    cmd, env = json.loads(line)
-    t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    err = p.stderr.read().decode()
-    _, status, ru = os.wait4(p.pid, 0)
-    print(json.dumps([time.perf_counter() - t, ru.ru_maxrss*1024, os.waitstatus_to_exitcode(status), err[-2000:]]), flush=True)
-'''
-
-
-class Runner:
-    """Runs commands from a small process started before this one grew: a child's ru_maxrss counts the memory of the
-    process it was forked from (Linux records the old mm's peak at exec), so children of this big process would all
-    look as large as it is"""
-    def __init__(self):
-        self.p = subprocess.Popen([sys.executable, '-c', RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    def __call__(self, cmd):
-        "Wall seconds and peak RSS (bytes) of `cmd` run as a child"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path[1:]))
-        self.p.stdin.write(json.dumps([cmd, env]) + '\n'); self.p.stdin.flush()
-        wall, rss, rc, err = json.loads(self.p.stdout.readline())
-        if rc: raise SystemExit(f"{cmd[:4]} failed: {err}")
-        return wall, rss
 
 
 def drop_caches():
@@ -203,12 +177,13 @@ def main():
             for kn in kernels:
                 for n in (f'before-{kn}', f'before-{kn}-over'): cmds[n] = [py, '-c', run_before, *average(n, kn)[3:]]
         if not a.no_naive: cmds['naive'] = [py, '-c', NAIVE, *map(str, files), str(folder/'naive.pth')]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path[1:]))
         res = {n: [] for n in cmds}
         for r in range(a.runs + 1):  # round 0 warms the page cache (and writes each -over output once) and is not counted
             for n, c in (cmds.items() if r % 2 else reversed(cmds.items())):
                 if not n.endswith('-over'): (folder/f'{n}.pth').unlink(missing_ok=True)  # a new file, as a first average writes
                 os.sync()  # untimed: the writeback of the previous command is not this one's
-                m = run(c)
+                m = run(c, env)[:2]
                 if r: res[n].append(m)
         tt, ft = [w for w, _ in res['torch']], [w for w, _ in res['floor']]
         print(f"\nwhole process, warm, median of {a.runs} alternated rounds (python -c 'import torch': {med(tt):.2f} s, "

@@ -18,6 +18,7 @@ Files are in the page cache for every method (each run reads what the previous r
     PYTHONPATH=. python bench/sharded_bench.py [--layers 6] [--width 1024] [--k 3] [--shard-mb 60] [--mergekit PATH]
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile
+from runner import Runner
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -91,31 +92,6 @@ def make_model(folder, seed, layers, width, shard_mb):
     write_sharded(spec, items, folder, max_shard_size=shard_mb * 10**6)
     if not (folder/'config.json').exists(): (folder/'config.json').write_text(json.dumps(llama_config(layers, width, inter, vocab), indent=2))
     return sum(2 * torch.Size(s).numel() for s in shapes.values())
-
-
-RUNNER = r'''
-import json, os, subprocess, sys, tempfile, time
-for line in sys.stdin:
-    cmd, env = json.loads(line)
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # files, not pipes: wait4 must reap the child
-        t = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t
-        text = [(f.seek(0), f.read().decode(errors='replace')[-2000:])[1] for f in (out, err)]
-    print(json.dumps([wall, ru.ru_maxrss*1024, os.waitstatus_to_exitcode(status), *text]), flush=True)
-'''
-
-
-class Runner:
-    "Runs commands from a small process started before this one imports torch; returns (wall s, ru_maxrss bytes, stdout)"
-    def __init__(self):
-        self.p = subprocess.Popen([sys.executable, '-c', RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    def __call__(self, cmd, env):
-        self.p.stdin.write(json.dumps([cmd, env]) + '\n'); self.p.stdin.flush()
-        wall, rss, rc, out, err = json.loads(self.p.stdout.readline())
-        if rc: raise RuntimeError(f"{cmd[:3]} exited with {rc}: {err}")
-        return wall, rss, out
 
 
 def read_output(folder):
