@@ -227,10 +227,15 @@ print(base, status('VmHWM'))
 """
 
 
+def run_child(script, *args):
+    "Run `script` in a fresh process, on this checkout, with one torch thread"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, '-c', script, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+
+
 def peak_rss(*args):
     "(resident bytes after importing torch and ckpt_avg, peak resident bytes while averaging) of a fresh process"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, '-c', CHILD, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    r = run_child(CHILD, *args)
     assert r.returncode == 0, r.stderr
     return tuple(map(int, r.stdout.split()[-2:]))
 
@@ -276,8 +281,7 @@ except (MemoryError, RuntimeError) as e: sys.exit(f"refused: {type(e).__name__}:
 
 def under_limit(limit, action, out, inputs):
     "A fresh process that plans `inputs`, is then held to `limit` ('data:BYTES' or 'cgroup:FOLDER') and runs `action`"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, '-c', LIMITED, limit, action, str(out), *map(str, inputs)], capture_output=True, text=True, env=env, timeout=300)
+    return run_child(LIMITED, limit, action, out, *inputs)
 
 
 def big_model(seed, tensors=16, numel=1_000_000):
