@@ -127,7 +127,7 @@ def _average(args)->int:
     import torch
     from ckpt_avg.core import average_to_file
     if args.threads: torch.set_num_threads(args.threads)
-    meta = average_to_file(plan, out, fmt, overwrite=args.force, progress=not args.quiet and _live_bar(), max_shard_size=args.max_shard_size, device=args.device)
+    meta = average_to_file(plan, out, fmt, overwrite=args.force, progress=not args.quiet and _live_bar(), max_shard_size=args.max_shard_size, device=device)  # as checked above
     _record(plan, out, args.fit, meta)
     if not args.quiet: print(f"averaged {plan.summary()} into {out} ({fmt}, {meta['tensors']} tensors, {_size(meta['bytes'])})")
     return 0
